@@ -1,0 +1,372 @@
+//! The message bus: stream names and setup, the event envelope, publishing
+//! with a message id, and (in `consumer`) the one consumer loop every
+//! worker uses.
+
+pub mod consumer;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::BusConfig;
+
+/// Header carrying the organization of every event, so the consumer loop can
+/// apply per-organization limits before decoding the body.
+pub const ORGANIZATION_HEADER: &str = "Elaaoms-Organization-Id";
+pub const DLQ_REASON_HEADER: &str = "Elaaoms-Dlq-Reason";
+pub const DLQ_ATTEMPTS_HEADER: &str = "Elaaoms-Dlq-Attempts";
+pub const DLQ_SERVICE_HEADER: &str = "Elaaoms-Dlq-Service";
+pub const DLQ_ORIGINAL_SUBJECT_HEADER: &str = "Elaaoms-Dlq-Original-Subject";
+pub const DLQ_ORIGINAL_SEQUENCE_HEADER: &str = "Elaaoms-Dlq-Original-Sequence";
+
+/// How long JetStream remembers message ids: longer than ElevenLabs' retry
+/// schedule (about 40 minutes), so a retried webhook is dropped.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
+/// The event stream is a queue, not an archive: the payload store and
+/// Postgres keep what matters.
+pub const EVENT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot set up stream {stream}: {source}")]
+    StreamSetup {
+        stream: String,
+        #[source]
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    #[error("cannot publish to {subject}: {reason}")]
+    Publish { subject: String, reason: String },
+    #[error("JetStream consumer {consumer}: {reason}")]
+    Consumer { consumer: String, reason: String },
+    #[error("cannot encode event: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("cannot decode event: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+}
+
+/// The steps of the pipeline; each has a subject and appears in message ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Transcribed,
+    Extracted,
+    Indexed,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Transcribed => "transcribed",
+            Step::Extracted => "extracted",
+            Step::Indexed => "indexed",
+        }
+    }
+
+    fn subject_suffix(self) -> &'static str {
+        match self {
+            Step::Transcribed => "conversation.transcribed",
+            Step::Extracted => "memories.extracted",
+            Step::Indexed => "memories.indexed",
+        }
+    }
+}
+
+/// Stream names and subjects. A namespace (empty in production) lets tests
+/// and several deployments share one NATS server without touching each
+/// other's streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusNames {
+    namespace: String,
+}
+
+impl BusNames {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn name_prefix(&self) -> String {
+        if self.namespace.is_empty() {
+            String::new()
+        } else {
+            format!("{}_", self.namespace.to_uppercase())
+        }
+    }
+
+    fn subject_prefix(&self) -> String {
+        if self.namespace.is_empty() {
+            "elaaoms".to_owned()
+        } else {
+            format!("{}.elaaoms", self.namespace)
+        }
+    }
+
+    /// `ELAAOMS`: the pipeline's events.
+    pub fn event_stream(&self) -> String {
+        format!("{}ELAAOMS", self.name_prefix())
+    }
+
+    /// `ELAAOMS_DLQ`: messages that failed for good, kept until replayed.
+    pub fn dlq_stream(&self) -> String {
+        format!("{}ELAAOMS_DLQ", self.name_prefix())
+    }
+
+    /// `elaaoms.v1.conversation.transcribed` and its siblings.
+    pub fn subject(&self, step: Step) -> String {
+        format!("{}.v1.{}", self.subject_prefix(), step.subject_suffix())
+    }
+
+    fn event_subjects(&self) -> String {
+        format!("{}.v1.>", self.subject_prefix())
+    }
+
+    fn dlq_subjects(&self) -> String {
+        format!("{}.dlq.>", self.subject_prefix())
+    }
+
+    /// Where a failed message goes: `elaaoms.dlq.conversation.transcribed`.
+    pub fn dlq_subject_for(&self, original_subject: &str) -> String {
+        let prefix = format!("{}.v1.", self.subject_prefix());
+        let suffix = original_subject.strip_prefix(&prefix).unwrap_or(original_subject);
+        format!("{}.dlq.{suffix}", self.subject_prefix())
+    }
+
+    /// A durable consumer name, unique per stream.
+    pub fn consumer(&self, service: &str) -> String {
+        format!("{}{service}", self.name_prefix())
+    }
+}
+
+/// `{org}:{conversation}:{step}:{generation}`: a retried webhook or a
+/// republish after a crash is dropped by JetStream; a replay, which bumps the
+/// generation, is not.
+pub fn event_msg_id(organization_id: Uuid, conversation_id: &str, step: Step, generation: i32) -> String {
+    format!("{organization_id}:{conversation_id}:{}:{generation}", step.as_str())
+}
+
+/// Every event body: MessagePack with named fields, so fields can be added
+/// without breaking older readers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    pub organization_id: Uuid,
+    pub generation: i32,
+    pub payload: T,
+}
+
+impl<T: Serialize + DeserializeOwned> Envelope<T> {
+    pub fn new(organization_id: Uuid, generation: i32, payload: T) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            occurred_at: Utc::now(),
+            organization_id,
+            generation,
+            payload,
+        }
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, BusError> {
+        Ok(rmp_serde::to_vec_named(self)?)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, BusError> {
+        Ok(rmp_serde::from_slice(bytes)?)
+    }
+}
+
+/// A connected JetStream context plus the names it works with.
+#[derive(Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub jetstream: jetstream::Context,
+    pub names: BusNames,
+    stream_max_bytes: i64,
+}
+
+/// Deadline for a PubAck: short, because the webhook path waits for it and
+/// the outbox relay covers a slow or absent JetStream.
+pub const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Bus {
+    pub async fn connect(config: &BusConfig) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("elaaoms")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(&config.nats_url)
+            .await
+            .map_err(|source| BusError::Connect {
+                url: config.nats_url.clone(),
+                source,
+            })?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .ack_timeout(PUBLISH_ACK_TIMEOUT)
+            .build(client.clone());
+        Ok(Self {
+            client,
+            jetstream,
+            names: BusNames::new(&config.bus_namespace),
+            stream_max_bytes: config.stream_max_bytes,
+        })
+    }
+
+    /// Creates both streams, or updates them to the current settings:
+    /// safe to run from every replica at every start.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        let events = stream::Config {
+            name: self.names.event_stream(),
+            description: Some("ELAAOMS pipeline events".to_owned()),
+            subjects: vec![self.names.event_subjects()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: EVENT_MAX_AGE,
+            max_bytes: self.stream_max_bytes,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        };
+        // Dead letters wait for an operator: no age limit, and when full the
+        // publish fails (the worker retries) rather than dropping old ones.
+        let dead_letters = stream::Config {
+            name: self.names.dlq_stream(),
+            description: Some("ELAAOMS dead letters, kept until replayed or purged".to_owned()),
+            subjects: vec![self.names.dlq_subjects()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_bytes: self.stream_max_bytes,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: DUPLICATE_WINDOW,
+            ..Default::default()
+        };
+        for config in [events, dead_letters] {
+            let name = config.name.clone();
+            self.jetstream
+                .create_or_update_stream(config)
+                .await
+                .map_err(|source| BusError::StreamSetup { stream: name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Publishes and waits for the PubAck; a duplicate (same message id
+    /// within the window) is success. Returns the stream sequence.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        organization_id: Uuid,
+        body: Bytes,
+    ) -> Result<u64, BusError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ORGANIZATION_HEADER, organization_id.to_string().as_str());
+        self.publish_with_headers(subject, msg_id, headers, body).await
+    }
+
+    pub async fn publish_with_headers(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<u64, BusError> {
+        let publish_error = |reason: String| BusError::Publish {
+            subject: subject.to_owned(),
+            reason,
+        };
+        let publish = PublishMessage::build().headers(headers).message_id(msg_id).payload(body);
+        let ack_future = self
+            .jetstream
+            .send_publish(subject.to_owned(), publish)
+            .await
+            .map_err(|err| publish_error(err.to_string()))?;
+        let ack = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, ack_future)
+            .await
+            .map_err(|_| publish_error("no PubAck before the deadline".to_owned()))?
+            .map_err(|err| publish_error(err.to_string()))?;
+        Ok(ack.sequence)
+    }
+
+    /// Whether the connection to NATS is up, for readiness probes.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct PayloadV1 {
+        conversation_id: String,
+    }
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct PayloadV2 {
+        conversation_id: String,
+        added_later: Vec<String>,
+    }
+
+    #[test]
+    fn envelope_round_trips_and_tolerates_unknown_fields() {
+        let organization_id = Uuid::new_v4();
+        let newer = Envelope::new(
+            organization_id,
+            3,
+            PayloadV2 {
+                conversation_id: "conv_1".into(),
+                added_later: vec!["x".into()],
+            },
+        );
+        let bytes = newer.encode().unwrap();
+        let older: Envelope<PayloadV1> = Envelope::decode(&bytes).unwrap();
+        assert_eq!(older.payload.conversation_id, "conv_1");
+        assert_eq!(older.generation, 3);
+        assert_eq!(older.organization_id, organization_id);
+        assert_eq!(older.id, newer.id);
+        assert!(Envelope::<PayloadV1>::decode(b"\xc1garbage").is_err());
+    }
+
+    #[test]
+    fn names_are_namespaced_and_do_not_overlap() {
+        let production = BusNames::new("");
+        assert_eq!(production.event_stream(), "ELAAOMS");
+        assert_eq!(production.dlq_stream(), "ELAAOMS_DLQ");
+        assert_eq!(
+            production.subject(Step::Transcribed),
+            "elaaoms.v1.conversation.transcribed"
+        );
+        assert_eq!(
+            production.dlq_subject_for("elaaoms.v1.conversation.transcribed"),
+            "elaaoms.dlq.conversation.transcribed"
+        );
+        let test = BusNames::new("t1a");
+        assert_eq!(test.event_stream(), "T1A_ELAAOMS");
+        assert_eq!(test.subject(Step::Indexed), "t1a.elaaoms.v1.memories.indexed");
+    }
+
+    #[test]
+    fn msg_id_carries_organization_conversation_step_and_generation() {
+        let organization_id = Uuid::nil();
+        assert_eq!(
+            event_msg_id(organization_id, "conv_1", Step::Extracted, 2),
+            "00000000-0000-0000-0000-000000000000:conv_1:extracted:2"
+        );
+    }
+}

@@ -1,0 +1,346 @@
+//! Sentence embeddings with all-MiniLM-L6-v2 on the CPU (candle), 384 dimensions.
+//!
+//! The model files (`config.json`, `tokenizer.json`, `model.safetensors`) are
+//! installed once by `deploy/local/setup.sh` into [`default_model_dir`]; nothing
+//! is downloaded at run time.
+//!
+//! [`LocalEmbedder`] is the synchronous model: load it once and share it.
+//! [`Embedder`] is the cheap-to-clone handle that async services use: it runs
+//! the arithmetic on tokio's blocking pool so the runtime never stalls.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config, DTYPE};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+/// Length of every embedding vector.
+pub const EMBEDDING_DIMENSIONS: usize = 384;
+
+/// Name recorded with embeddings made by [`LocalEmbedder`].
+pub const LOCAL_MODEL_NAME: &str = "all-MiniLM-L6-v2";
+
+/// Texts are cut at this many tokens (special tokens included). The model
+/// accepts 512 positions; it was trained on at most 256 word pieces.
+pub const MAX_TOKENS: usize = 256;
+
+/// Largest batch that [`Embedder::embed`] hands to the model at once.
+pub const MAX_BATCH: usize = 32;
+
+const CONFIG_FILE: &str = "config.json";
+const TOKENIZER_FILE: &str = "tokenizer.json";
+const WEIGHTS_FILE: &str = "model.safetensors";
+
+const SETUP_HINT: &str = "run deploy/local/setup.sh to install the all-MiniLM-L6-v2 model files";
+
+/// Where `deploy/local/setup.sh` installs the model, relative to the working directory.
+pub fn default_model_dir() -> PathBuf {
+    PathBuf::from("data/models/all-MiniLM-L6-v2")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedderError {
+    /// A model file is missing or unreadable.
+    #[error("cannot read embedding model file {}: {source}; {SETUP_HINT}", path.display())]
+    ModelFiles {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is not a BERT configuration.
+    #[error("invalid embedding model config {}: {source}; {SETUP_HINT}", path.display())]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `config.json` describes a model whose output is not 384-dimensional.
+    #[error(
+        "embedding model config {} has hidden size {found}, expected {EMBEDDING_DIMENSIONS}; {SETUP_HINT}",
+        path.display()
+    )]
+    Dimensions { path: PathBuf, found: usize },
+    /// `tokenizer.json` cannot be parsed or configured.
+    #[error("invalid embedding tokenizer {}: {source}; {SETUP_HINT}", path.display())]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    /// `model.safetensors` is corrupt or does not hold the expected tensors.
+    #[error("invalid embedding model weights {}: {source}; {SETUP_HINT}", path.display())]
+    Weights {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    /// Tokenising the input texts failed.
+    #[error("tokenising {count} text(s) for embedding failed: {source}")]
+    Tokenize {
+        count: usize,
+        #[source]
+        source: tokenizers::Error,
+    },
+    /// The forward pass failed.
+    #[error("embedding inference on a batch of {count} text(s) failed: {source}")]
+    Inference {
+        count: usize,
+        #[source]
+        source: candle_core::Error,
+    },
+    /// The blocking task that ran a batch panicked or was cancelled.
+    #[error("embedding task did not complete: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// CPU all-MiniLM-L6-v2 on candle. Load once, share.
+pub struct LocalEmbedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+}
+
+impl std::fmt::Debug for LocalEmbedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalEmbedder")
+            .field("model", &LOCAL_MODEL_NAME)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_model_file(path: &Path) -> Result<Vec<u8>, EmbedderError> {
+    std::fs::read(path).map_err(|source| EmbedderError::ModelFiles {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+impl LocalEmbedder {
+    /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from `model_dir`.
+    /// Takes a fraction of a second and about 90 MB; do it once per process.
+    pub fn load(model_dir: &Path) -> Result<Self, EmbedderError> {
+        let started = Instant::now();
+        let device = Device::Cpu;
+
+        let config_path = model_dir.join(CONFIG_FILE);
+        let config: Config =
+            serde_json::from_slice(&read_model_file(&config_path)?).map_err(|source| {
+                EmbedderError::Config {
+                    path: config_path.clone(),
+                    source,
+                }
+            })?;
+        if config.hidden_size != EMBEDDING_DIMENSIONS {
+            return Err(EmbedderError::Dimensions {
+                path: config_path,
+                found: config.hidden_size,
+            });
+        }
+
+        let tokenizer_path = model_dir.join(TOKENIZER_FILE);
+        let tokenizer_error = |source| EmbedderError::Tokenizer {
+            path: tokenizer_path.clone(),
+            source,
+        };
+        let mut tokenizer =
+            Tokenizer::from_bytes(read_model_file(&tokenizer_path)?).map_err(tokenizer_error)?;
+        // tokenizer.json pads every text to 128 tokens and cuts at 128: pad a
+        // batch only to its longest text instead, and cut at MAX_TOKENS.
+        let padding = PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..tokenizer.get_padding().cloned().unwrap_or_default()
+        };
+        tokenizer.with_padding(Some(padding));
+        let truncation = TruncationParams {
+            max_length: MAX_TOKENS.min(config.max_position_embeddings),
+            ..tokenizer.get_truncation().cloned().unwrap_or_default()
+        };
+        tokenizer
+            .with_truncation(Some(truncation))
+            .map_err(tokenizer_error)?;
+
+        let weights_path = model_dir.join(WEIGHTS_FILE);
+        let weights_error = |source| EmbedderError::Weights {
+            path: weights_path.clone(),
+            source,
+        };
+        let vb =
+            VarBuilder::from_buffered_safetensors(read_model_file(&weights_path)?, DTYPE, &device)
+                .map_err(weights_error)?;
+        let model = BertModel::load(vb, &config).map_err(weights_error)?;
+
+        tracing::info!(
+            model = LOCAL_MODEL_NAME,
+            dir = %model_dir.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "embedding model loaded"
+        );
+        Ok(Self {
+            model,
+            tokenizer,
+            device,
+        })
+    }
+
+    /// Embeds a batch: pad to the batch's longest (the tokenizer.json's fixed
+    /// 128 padding turned off), truncate at 256 tokens, BERT forward, mean
+    /// pooling over the attention mask, L2-normalise. Returns one 384-vector
+    /// per text, in order.
+    ///
+    /// CPU-bound (about 15-20 ms for a short text, more for long batches):
+    /// from async code use [`Embedder`].
+    pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedderError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = texts.len();
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|source| EmbedderError::Tokenize { count, source })?;
+        let seq_len = encodings.first().map_or(0, |e| e.get_ids().len());
+
+        let mut ids = Vec::with_capacity(count * seq_len);
+        let mut type_ids = Vec::with_capacity(count * seq_len);
+        let mut mask = Vec::with_capacity(count * seq_len);
+        for encoding in &encodings {
+            debug_assert_eq!(encoding.get_ids().len(), seq_len);
+            ids.extend_from_slice(encoding.get_ids());
+            type_ids.extend_from_slice(encoding.get_type_ids());
+            mask.extend_from_slice(encoding.get_attention_mask());
+        }
+        self.forward(ids, type_ids, mask, (count, seq_len))
+            .map_err(|source| EmbedderError::Inference { count, source })
+    }
+
+    fn forward(
+        &self,
+        ids: Vec<u32>,
+        type_ids: Vec<u32>,
+        mask: Vec<u32>,
+        shape: (usize, usize),
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let ids = Tensor::from_vec(ids, shape, &self.device)?;
+        let type_ids = Tensor::from_vec(type_ids, shape, &self.device)?;
+        let mask = Tensor::from_vec(mask, shape, &self.device)?;
+
+        // [batch, seq, hidden]
+        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?;
+
+        // Mean over the real tokens only: padding has mask 0.
+        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [batch, seq, 1]
+        let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // [batch, hidden]
+        let counts = mask.sum(1)?; // [batch, 1]
+        let mean = summed.broadcast_div(&counts)?;
+
+        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?; // [batch, 1]
+        let normalised = mean.broadcast_div(&norms)?;
+        normalised.to_vec2::<f32>()
+    }
+}
+
+/// Cheap to clone handle used by async services: runs batches on tokio's
+/// blocking pool so the runtime never stalls; splits large inputs into batches
+/// of at most 32 texts.
+#[derive(Clone, Debug)]
+pub struct Embedder {
+    local: Arc<LocalEmbedder>,
+}
+
+impl From<LocalEmbedder> for Embedder {
+    fn from(local: LocalEmbedder) -> Self {
+        Self {
+            local: Arc::new(local),
+        }
+    }
+}
+
+impl Embedder {
+    /// Loads the local model (blocking: call it at start-up, or from `spawn_blocking`).
+    pub fn local(model_dir: &Path) -> Result<Self, EmbedderError> {
+        LocalEmbedder::load(model_dir).map(Self::from)
+    }
+
+    /// Name of the model that makes the vectors, recorded with each embedding.
+    pub fn model_name(&self) -> &str {
+        LOCAL_MODEL_NAME
+    }
+
+    /// Length of every vector this embedder returns.
+    pub fn dimensions(&self) -> usize {
+        EMBEDDING_DIMENSIONS
+    }
+
+    /// Embeds `texts`, one unit vector per text, in order.
+    ///
+    /// Texts are grouped by length into batches of at most [`MAX_BATCH`], so
+    /// short texts are not padded to the length of long ones; each batch runs
+    /// on the blocking pool. Dropping the future stops after the current batch.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedderError> {
+        let total = texts.len();
+        if total <= MAX_BATCH {
+            return self.run_batch(texts).await;
+        }
+
+        let mut order: Vec<usize> = (0..total).collect();
+        order.sort_by_key(|&i| texts[i].len());
+        let mut slots: Vec<Option<String>> = texts.into_iter().map(Some).collect();
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); total];
+        for chunk in order.chunks(MAX_BATCH) {
+            let batch: Vec<String> = chunk
+                .iter()
+                .map(|&i| slots[i].take().unwrap_or_default())
+                .collect();
+            let vectors = self.run_batch(batch).await?;
+            for (&i, vector) in chunk.iter().zip(vectors) {
+                out[i] = vector;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Embeds one text.
+    pub async fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedderError> {
+        let mut vectors = self.run_batch(vec![text.to_owned()]).await?;
+        Ok(vectors.pop().unwrap_or_default())
+    }
+
+    async fn run_batch(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedderError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let local = Arc::clone(&self.local);
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            local.embed_batch(&refs)
+        })
+        .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_dir_names_the_file_and_the_setup_script() {
+        let dir = Path::new("/nonexistent/elaaoms/models/all-MiniLM-L6-v2");
+        let err = LocalEmbedder::load(dir).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, EmbedderError::ModelFiles { .. }), "{err:?}");
+        assert!(message.contains("config.json"), "{message}");
+        assert!(message.contains("deploy/local/setup.sh"), "{message}");
+    }
+
+    #[test]
+    fn default_dir_is_under_data_models() {
+        assert_eq!(
+            default_model_dir(),
+            PathBuf::from("data/models/all-MiniLM-L6-v2")
+        );
+    }
+}
