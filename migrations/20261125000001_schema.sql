@@ -131,8 +131,11 @@ BEGIN
                 USING ERRCODE = 'check_violation';
         END IF;
     END IF;
-    IF TG_OP = 'UPDATE' AND NEW.generation < OLD.generation THEN
-        RAISE EXCEPTION 'a conversation generation never goes back' USING ERRCODE = 'check_violation';
+    -- The generation moves only with a replay, one step at a time.
+    IF TG_OP = 'UPDATE' AND NEW.generation <> OLD.generation
+       AND NOT (NEW.generation = OLD.generation + 1
+                AND conversation_status_transition_allowed(OLD.status, NEW.status, true)) THEN
+        RAISE EXCEPTION 'the generation changes only by one, with a replay' USING ERRCODE = 'check_violation';
     END IF;
     NEW.updated_at := now();
     RETURN NEW;

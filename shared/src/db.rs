@@ -190,3 +190,34 @@ pub async fn begin_org_tx(pool: &PgPool, organization_id: Uuid) -> Result<Transa
 pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
 }
+
+/// Moves a conversation to `next` if, and only if, the status machine allows
+/// it from its current status (`WHERE status = ANY(allowed)`; the table's
+/// trigger enforces the same rule). A replay also bumps the generation.
+/// Returns whether the row changed.
+pub async fn transition_conversation(
+    tx: &mut Transaction<'_, Postgres>,
+    organization_id: Uuid,
+    conversation_id: &str,
+    next: crate::domain::ConversationStatus,
+    kind: crate::domain::TransitionKind,
+) -> Result<bool, sqlx::Error> {
+    use crate::domain::{ConversationStatus, TransitionKind};
+    let allowed: Vec<&str> = ConversationStatus::allowed_predecessors(next, kind)
+        .into_iter()
+        .map(ConversationStatus::as_str)
+        .collect();
+    let generation_step = i32::from(kind == TransitionKind::Replay);
+    let result = sqlx::query(
+        "UPDATE conversations SET status = $3, generation = generation + $4
+          WHERE organization_id = $1 AND conversation_id = $2 AND status = ANY($5)",
+    )
+    .bind(organization_id)
+    .bind(conversation_id)
+    .bind(next.as_str())
+    .bind(generation_step)
+    .bind(&allowed)
+    .execute(&mut **tx)
+    .await?;
+    Ok(result.rows_affected() == 1)
+}

@@ -7,3 +7,5 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod embedder;
+#[cfg(feature = "test-support")]
+pub mod test_support;
