@@ -2,7 +2,6 @@
 //! an environment variable (clap), validated at start; secrets are
 //! `SecretString`s, printed as `[REDACTED]` and hidden from `--help`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -110,10 +109,6 @@ pub struct WorkerConfig {
     /// handlers report progress every third of it.
     #[arg(long, env = "WORKER_ACK_WAIT", default_value = "60s", value_parser = parse_duration)]
     pub worker_ack_wait: Duration,
-
-    /// Address of the worker's /healthz, /readyz and /metrics.
-    #[arg(long, env = "WORKER_HEALTH_ADDR", default_value = "127.0.0.1:9090")]
-    pub worker_health_addr: SocketAddr,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -2,10 +2,16 @@
 //! Postgres access, the JetStream bus and its consumer loop, telemetry, the
 //! payload store and the embedder.
 
+pub mod api_keys;
 pub mod bus;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod embedder;
+pub mod events;
+pub mod http;
+pub mod payload_store;
+pub mod sharing;
+pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod test_support;
