@@ -289,3 +289,14 @@ REVOKE ALL ON FUNCTION auth_webhook_secrets(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION auth_api_key(bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION auth_webhook_secrets(text) TO elaaoms_service;
 GRANT EXECUTE ON FUNCTION auth_api_key(bytea) TO elaaoms_service;
+
+-- The outbox relay runs before it knows which organizations have work: this
+-- names them, and nothing else; the rows themselves are read under RLS.
+CREATE FUNCTION outbox_pending_organizations(p_older_than interval)
+RETURNS TABLE (organization_id uuid)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+    SELECT DISTINCT organization_id FROM public.outbox
+     WHERE published_at IS NULL AND created_at < now() - p_older_than
+$$;
+REVOKE ALL ON FUNCTION outbox_pending_organizations(interval) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION outbox_pending_organizations(interval) TO elaaoms_service;
