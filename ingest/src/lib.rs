@@ -42,6 +42,14 @@ pub struct Config {
     pub bus: BusConfig,
     #[command(flatten)]
     pub payloads: PayloadStoreConfig,
+    #[command(flatten)]
+    pub settings: IngestSettings,
+}
+
+/// What only ingest needs (the shared sections are configured once when
+/// `elaaoms run` starts every service).
+#[derive(clap::Args, Debug, Clone)]
+pub struct IngestSettings {
     /// Where the webhook endpoint listens.
     #[arg(long = "ingest-addr", env = "INGEST_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
@@ -134,12 +142,12 @@ impl IngestService {
             pool: pool.clone(),
             bus: bus.clone(),
             payloads: PayloadStore::local(&config.payloads.payload_dir),
-            signature_tolerance_secs: config.signature_tolerance.as_secs() as i64,
+            signature_tolerance_secs: config.settings.signature_tolerance.as_secs() as i64,
             metrics: Metrics::new(&registry),
         });
         let router = Router::new()
             .route("/v1/webhooks/elevenlabs/{org}", post(receive_webhook))
-            .layer(DefaultBodyLimit::max(config.max_body_bytes))
+            .layer(DefaultBodyLimit::max(config.settings.max_body_bytes))
             .with_state(state.clone())
             .merge(telemetry::health_router(Health {
                 service: "ingest",
@@ -147,12 +155,12 @@ impl IngestService {
                 database: Some(pool),
                 bus: Some(bus),
             }));
-        let listener = elaaoms_shared::http::bind(config.addr).await?;
+        let listener = elaaoms_shared::http::bind(config.settings.addr).await?;
         Ok(Self {
             listener,
             router,
             state,
-            relay_interval: config.outbox_relay_interval,
+            relay_interval: config.settings.outbox_relay_interval,
         })
     }
 

@@ -221,3 +221,25 @@ pub async fn transition_conversation(
     .await?;
     Ok(result.rows_affected() == 1)
 }
+
+/// How an erased caller is remembered: a hash, not the number itself.
+pub fn caller_hash(caller_id: &str) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(caller_id.as_bytes()).to_vec()
+}
+
+/// Whether the caller was erased: workers check this before applying
+/// anything, so events in flight during an erasure bring nothing back.
+pub async fn is_caller_erased(
+    tx: &mut Transaction<'_, Postgres>,
+    organization_id: Uuid,
+    caller_id: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM erased_callers WHERE organization_id = $1 AND caller_hash = $2)",
+    )
+    .bind(organization_id)
+    .bind(caller_hash(caller_id))
+    .fetch_one(&mut **tx)
+    .await
+}
