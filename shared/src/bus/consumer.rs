@@ -1,9 +1,11 @@
 //! The one consumer loop every worker runs (DESIGN.md section 4).
 //!
-//! Pull in batches, bounded concurrency, a per-organization in-flight limit.
-//! The delivery count is read before the handler runs: the server's
-//! `max_deliver` is unlimited and this loop's budget decides, because a
-//! server that gives up on a message drops it without a trace. Outcomes:
+//! Pull in batches, bounded concurrency, a per-organization in-flight limit
+//! (a message waiting for its organization's turn does not take a running
+//! slot from other organizations). The delivery count is read before the
+//! handler runs: the server's `max_deliver` is unlimited and this loop's
+//! budget decides, because a server that gives up on a message drops it
+//! without a trace. Outcomes:
 //!
 //! * `Ok`: the handler has published what comes next; double-ack.
 //! * `Transient`: nak with the next delay of the schedule; on the last
@@ -12,11 +14,16 @@
 //! * dead-letter path: publish the original bytes to the DLQ stream with the
 //!   reason in headers and `Nats-Msg-Id = dlq:{stream}:{seq}` (a crash before
 //!   the term cannot make a second entry), await the PubAck, let the handler
-//!   record the failure, then term with a double ack.
+//!   record the failure, then term with a double ack. When a step fails the
+//!   message is nakked and its redelivery to this worker retries the
+//!   dead-letter path (not the handler).
 //!
 //! A handler runs in its own task: a panic is a transient failure, not a
 //! lost message. While it runs, the loop reports progress every third of the
-//! ack wait so a slow handler is not redelivered under its feet.
+//! ack wait so a slow handler is not redelivered under its feet; the reports
+//! stop before the message is settled (nats-server 2.9 takes a progress
+//! report that follows a nak as a new delivery time, which would replace the
+//! nak's delay with the ack wait).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -31,6 +38,7 @@ use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{
@@ -183,38 +191,123 @@ async fn ensure_consumer(bus: &Bus, settings: &ConsumerSettings) -> Result<jetst
 }
 
 /// In-flight slots per organization, created on first use.
-#[derive(Clone)]
 struct OrganizationLimits {
     per_organization: usize,
-    slots: Arc<Mutex<HashMap<Option<Uuid>, Arc<Semaphore>>>>,
+    slots: Mutex<HashMap<Option<Uuid>, Arc<Semaphore>>>,
 }
 
 impl OrganizationLimits {
     fn new(per_organization: usize) -> Self {
         Self {
-            per_organization,
-            slots: Arc::default(),
+            per_organization: per_organization.max(1),
+            slots: Mutex::default(),
         }
     }
 
-    async fn acquire(&self, organization_id: Option<Uuid>) -> OwnedSemaphorePermit {
-        let semaphore = {
-            let mut slots = self.slots.lock().expect("organization limits lock");
-            // Forget idle organizations so the map does not grow forever.
-            if slots.len() > 10_000 {
-                slots.retain(|_, s| s.available_permits() < self.per_organization);
-            }
-            slots
-                .entry(organization_id)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_organization)))
-                .clone()
-        };
-        semaphore.acquire_owned().await.expect("semaphore never closed")
+    fn semaphore(&self, organization_id: Option<Uuid>) -> Arc<Semaphore> {
+        let mut slots = self.slots.lock().expect("organization limits lock");
+        // Forget idle organizations so the map does not grow forever.
+        if slots.len() > 10_000 {
+            slots.retain(|_, s| s.available_permits() < self.per_organization);
+        }
+        slots
+            .entry(organization_id)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_organization)))
+            .clone()
     }
+}
+
+/// Messages taken from the server and not yet settled, per running slot:
+/// those beyond the running ones wait for their organization's turn.
+const HELD_PER_RUNNING_SLOT: usize = 4;
+
+/// The loop's two limits. `running` bounds the handlers running at once (the
+/// concurrency). `held` bounds the messages taken from the server and not yet
+/// settled, including those waiting for their organization's turn: a waiting
+/// message gives its running slot back, so one organization's backlog cannot
+/// take every slot while it waits for its own limit.
+#[derive(Clone)]
+struct Capacity {
+    running: Arc<Semaphore>,
+    held: Arc<Semaphore>,
+}
+
+struct Permits {
+    _held: OwnedSemaphorePermit,
+    running: Option<OwnedSemaphorePermit>,
+}
+
+impl Capacity {
+    fn new(concurrency: usize) -> Self {
+        let concurrency = concurrency.max(1);
+        Self {
+            running: Arc::new(Semaphore::new(concurrency)),
+            held: Arc::new(Semaphore::new(concurrency * HELD_PER_RUNNING_SLOT)),
+        }
+    }
+
+    async fn acquire(&self) -> Permits {
+        let held = self.held.clone().acquire_owned().await.expect("semaphore never closed");
+        let running = self.running.clone().acquire_owned().await.expect("semaphore never closed");
+        Permits {
+            _held: held,
+            running: Some(running),
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.running.available_permits().min(self.held.available_permits())
+    }
+}
+
+/// Messages whose dead-letter path failed (the DLQ publish, the handler's
+/// record of the failure, or the term), with the reason they were given up
+/// on: their redelivery goes straight back to the dead-letter path instead of
+/// running the handler again. Best effort: a redelivery to another replica
+/// runs the handler again (delivery is at least once) or, past the budget,
+/// takes the dead-letter path with the budget as the reason.
+#[derive(Default)]
+struct DeadLetterRetries(Mutex<HashMap<u64, String>>);
+
+impl DeadLetterRetries {
+    fn remember(&self, stream_sequence: u64, reason: &str) {
+        if stream_sequence == 0 {
+            return;
+        }
+        let mut reasons = self.0.lock().expect("dead-letter retries lock");
+        // Entries of messages another replica finished are never removed
+        // here; bound them.
+        if reasons.len() >= 10_000 {
+            reasons.clear();
+        }
+        reasons.insert(stream_sequence, reason.to_owned());
+    }
+
+    fn reason(&self, stream_sequence: u64) -> Option<String> {
+        self.0.lock().expect("dead-letter retries lock").get(&stream_sequence).cloned()
+    }
+
+    fn forget(&self, stream_sequence: u64) {
+        self.0.lock().expect("dead-letter retries lock").remove(&stream_sequence);
+    }
+}
+
+/// What one worker's loop shares with the tasks of its messages.
+struct Shared<H> {
+    bus: Bus,
+    settings: ConsumerSettings,
+    handler: Arc<H>,
+    capacity: Capacity,
+    organizations: OrganizationLimits,
+    dead_letter_retries: DeadLetterRetries,
 }
 
 /// Runs until `shutdown` fires, then stops pulling, finishes the messages in
 /// flight and returns.
+///
+/// Dropping the returned future (aborting its task) abandons the messages in
+/// flight: their handlers and progress reports stop, and the server
+/// redelivers them after the ack wait.
 pub async fn run_consumer<H: Handler>(
     bus: Bus,
     settings: ConsumerSettings,
@@ -222,41 +315,57 @@ pub async fn run_consumer<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), BusError> {
     let consumer = ensure_consumer(&bus, &settings).await?;
-    let settings = Arc::new(settings);
-    let slots = Arc::new(Semaphore::new(settings.concurrency));
-    let organization_limits = OrganizationLimits::new(settings.per_organization_concurrency);
+    let capacity = Capacity::new(settings.concurrency);
+    let shared = Arc::new(Shared {
+        organizations: OrganizationLimits::new(settings.per_organization_concurrency),
+        capacity: capacity.clone(),
+        dead_letter_retries: DeadLetterRetries::default(),
+        bus,
+        settings,
+        handler,
+    });
     let mut in_flight = JoinSet::new();
-    tracing::info!(service = settings.service, subject = bus.names.subject(settings.step), "consumer started");
+    tracing::info!(
+        service = shared.settings.service,
+        subject = shared.bus.names.subject(shared.settings.step),
+        "consumer started"
+    );
 
     'pull: loop {
-        while in_flight.try_join_next().is_some() {}
-        let first_slot = tokio::select! {
+        while let Some(finished) = in_flight.try_join_next() {
+            log_task_failure(finished);
+        }
+        let first_permits = tokio::select! {
             _ = shutdown.cancelled() => break 'pull,
-            slot = slots.clone().acquire_owned() => slot.expect("semaphore never closed"),
+            permits = capacity.acquire() => permits,
         };
-        let wanted = 1 + slots.available_permits();
+        let wanted = 1 + capacity.available();
         let batch = consumer
             .batch()
             .max_messages(wanted)
-            .expires(settings.pull_expiry)
+            .expires(shared.settings.pull_expiry)
             .messages()
             .await;
         let mut batch = match batch {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::warn!(error = %err, "pull request failed; retrying");
-                drop(first_slot);
+                drop(first_permits);
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'pull,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
                 }
             }
         };
-        let mut first_slot = Some(first_slot);
+        let mut first_permits = Some(first_permits);
         loop {
+            // A message the server has already sent is taken even when
+            // shutting down: dropped, it would come back only after the ack
+            // wait, one delivery of its budget later.
             let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'pull,
+                biased;
                 next = batch.next() => next,
+                _ = shutdown.cancelled() => break 'pull,
             };
             let message = match next {
                 None => break,
@@ -266,25 +375,30 @@ pub async fn run_consumer<H: Handler>(
                     break;
                 }
             };
-            let slot = match first_slot.take() {
-                Some(slot) => slot,
-                None => slots.clone().acquire_owned().await.expect("semaphore never closed"),
+            let permits = match first_permits.take() {
+                Some(permits) => permits,
+                None => capacity.acquire().await,
             };
-            in_flight.spawn(process_message(
-                bus.clone(),
-                settings.clone(),
-                handler.clone(),
-                organization_limits.clone(),
-                message,
-                slot,
-            ));
+            in_flight.spawn(process_message(shared.clone(), message, permits));
         }
     }
 
-    tracing::info!(service = settings.service, in_flight = in_flight.len(), "consumer stopping: finishing messages in flight");
-    while in_flight.join_next().await.is_some() {}
-    tracing::info!(service = settings.service, "consumer stopped");
+    tracing::info!(
+        service = shared.settings.service,
+        in_flight = in_flight.len(),
+        "consumer stopping: finishing messages in flight"
+    );
+    while let Some(finished) = in_flight.join_next().await {
+        log_task_failure(finished);
+    }
+    tracing::info!(service = shared.settings.service, "consumer stopped");
     Ok(())
+}
+
+fn log_task_failure(finished: Result<(), tokio::task::JoinError>) {
+    if let Err(err) = finished {
+        tracing::error!(error = %err, "a message's task failed; the message will be redelivered");
+    }
 }
 
 fn delivery_of(message: &jetstream::Message) -> Delivery {
@@ -307,77 +421,146 @@ fn delivery_of(message: &jetstream::Message) -> Delivery {
     }
 }
 
-async fn process_message<H: Handler>(
-    bus: Bus,
-    settings: Arc<ConsumerSettings>,
-    handler: Arc<H>,
-    organization_limits: OrganizationLimits,
-    message: jetstream::Message,
-    _slot: OwnedSemaphorePermit,
-) {
+/// How a message is settled with the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    Ack,
+    Nak(Duration),
+    /// In the dead-letter stream: never deliver it again.
+    Term,
+}
+
+async fn process_message<H: Handler>(shared: Arc<Shared<H>>, message: jetstream::Message, mut permits: Permits) {
     let delivery = Arc::new(delivery_of(&message));
-    let progress = spawn_progress_reports(message.clone(), settings.ack_wait);
-    let _organization_slot = organization_limits.acquire(delivery.organization_id).await;
-
-    let outcome = if delivery.attempt > settings.max_attempts {
-        Err(HandlerError::Permanent(format!(
-            "delivered {} times, over the budget of {} (a worker crashed or timed out on it)",
-            delivery.attempt, settings.max_attempts
-        )))
-    } else {
-        run_handler(handler.clone(), delivery.clone()).await
-    };
-
     let span = tracing::info_span!(
         "message",
-        service = settings.service,
+        service = shared.settings.service,
         subject = delivery.subject,
         seq = delivery.stream_sequence,
         attempt = delivery.attempt
     );
-    let _entered = span.enter();
-    let acked = match outcome {
-        Ok(()) => message.double_ack().await.map_err(|err| err.to_string()),
+    async move {
+        let progress = ProgressReports::start(message.clone(), shared.settings.ack_wait);
+        let settle = decide(&shared, &delivery, &mut permits).await;
+        // No progress report may follow the nak: the server would take it
+        // for a new delivery time and redeliver after the ack wait instead
+        // of the nak's delay.
+        progress.stop().await;
+        let settled = match settle {
+            Settle::Ack => message.double_ack().await,
+            Settle::Nak(delay) => message.ack_with(AckKind::Nak(Some(delay))).await,
+            Settle::Term => message.double_ack_with(AckKind::Term).await,
+        };
+        match settled {
+            Ok(()) if settle == Settle::Term => shared.dead_letter_retries.forget(delivery.stream_sequence),
+            Ok(()) => {}
+            // The message comes back after the ack wait; handlers are
+            // idempotent.
+            Err(err) => tracing::warn!(error = %err, ?settle, "could not settle the message; it will be redelivered"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs the handler (or not) and says how to settle the message.
+async fn decide<H: Handler>(shared: &Shared<H>, delivery: &Arc<Delivery>, permits: &mut Permits) -> Settle {
+    let settings = &shared.settings;
+    if let Some(reason) = shared.dead_letter_retries.reason(delivery.stream_sequence) {
+        tracing::warn!(reason, "retrying the dead-letter path");
+        return dead_letter(shared, delivery, &reason).await;
+    }
+    if delivery.attempt > settings.max_attempts {
+        let reason = format!(
+            "delivered {} times, over the budget of {} (a worker crashed or timed out on it)",
+            delivery.attempt, settings.max_attempts
+        );
+        tracing::error!(reason, "giving up: dead-lettering the message");
+        return dead_letter(shared, delivery, &reason).await;
+    }
+
+    let organization = shared.organizations.semaphore(delivery.organization_id);
+    let _organization_slot = match organization.clone().try_acquire_owned() {
+        Ok(slot) => slot,
+        Err(_) => {
+            // Wait for this organization's turn without a running slot, so
+            // other organizations' messages run meanwhile.
+            permits.running = None;
+            let slot = organization.acquire_owned().await.expect("semaphore never closed");
+            permits.running = Some(
+                shared
+                    .capacity
+                    .running
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed"),
+            );
+            slot
+        }
+    };
+
+    match run_handler(shared.handler.clone(), delivery.clone()).await {
+        Ok(()) => Settle::Ack,
         Err(HandlerError::Transient(reason)) if delivery.attempt < settings.max_attempts => {
             let delay = settings.retry_delay(delivery.attempt);
             tracing::warn!(reason, delay_ms = delay.as_millis() as u64, "transient failure: retrying later");
-            message
-                .ack_with(AckKind::Nak(Some(delay)))
-                .await
-                .map_err(|err| err.to_string())
+            Settle::Nak(delay)
         }
         Err(HandlerError::Transient(reason) | HandlerError::Permanent(reason)) => {
             tracing::error!(reason, "giving up: dead-lettering the message");
-            dead_letter(&bus, &settings, handler.as_ref(), &delivery, &message, &reason).await
+            dead_letter(shared, delivery, &reason).await
         }
-    };
-    progress.abort();
-    if let Err(err) = acked {
-        // The message comes back after the ack wait; handlers are idempotent.
-        tracing::warn!(error = err, "could not settle the message; it will be redelivered");
+    }
+}
+
+/// A task that is aborted when this is dropped: dropping the loop (or a
+/// message's task) must not leave handlers or progress reports running.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
 /// Runs the handler in its own task so that a panic is a failure of this
 /// message rather than of the worker.
 async fn run_handler<H: Handler>(handler: Arc<H>, delivery: Arc<Delivery>) -> Result<(), HandlerError> {
-    let task = tokio::spawn(async move { handler.handle(&delivery).await });
-    match task.await {
+    let mut task = AbortOnDrop(tokio::spawn(
+        async move { handler.handle(&delivery).await }.in_current_span(),
+    ));
+    match (&mut task.0).await {
         Ok(result) => result,
         Err(join_error) => Err(HandlerError::Transient(format!("handler panicked: {join_error}"))),
     }
 }
 
-fn spawn_progress_reports(message: jetstream::Message, ack_wait: Duration) -> tokio::task::JoinHandle<()> {
-    let every = (ack_wait / 3).max(Duration::from_millis(100));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            if let Err(err) = message.ack_with(AckKind::Progress).await {
-                tracing::debug!(error = %err, "progress report failed");
+/// `AckKind::Progress` every third of the ack wait while a message is worked
+/// on, so a slow handler is not redelivered under its feet.
+struct ProgressReports(AbortOnDrop<()>);
+
+impl ProgressReports {
+    fn start(message: jetstream::Message, ack_wait: Duration) -> Self {
+        let every = (ack_wait / 3).max(Duration::from_millis(100));
+        Self(AbortOnDrop(tokio::spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Err(err) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %err, "progress report failed");
+                    }
+                }
             }
-        }
-    })
+            .in_current_span(),
+        )))
+    }
+
+    /// Returns once no report can be sent any more.
+    async fn stop(mut self) {
+        self.0 .0.abort();
+        let _ = (&mut self.0 .0).await;
+    }
 }
 
 /// Header values cannot hold line breaks; reasons can be long.
@@ -389,14 +572,12 @@ fn header_safe(text: &str) -> String {
     single_line.chars().take(2000).collect()
 }
 
-async fn dead_letter<H: Handler>(
-    bus: &Bus,
-    settings: &ConsumerSettings,
-    handler: &H,
-    delivery: &Delivery,
-    message: &jetstream::Message,
-    reason: &str,
-) -> Result<(), String> {
+/// Publishes the message to the dead-letter stream and lets the handler
+/// record the failure; `Term` when both worked, otherwise a nak so that the
+/// path is retried.
+async fn dead_letter<H: Handler>(shared: &Shared<H>, delivery: &Delivery, reason: &str) -> Settle {
+    let (bus, settings) = (&shared.bus, &shared.settings);
+    shared.dead_letter_retries.remember(delivery.stream_sequence, reason);
     let mut headers = delivery.headers.clone().unwrap_or_default();
     headers.insert(DLQ_REASON_HEADER, header_safe(reason).as_str());
     headers.insert(DLQ_ATTEMPTS_HEADER, delivery.attempt.to_string().as_str());
@@ -406,13 +587,8 @@ async fn dead_letter<H: Handler>(
     let msg_id = format!("dlq:{}:{}", bus.names.event_stream(), delivery.stream_sequence);
     let retry_later = |why: String| {
         let delay = settings.retry_delay(1);
-        async move {
-            tracing::warn!(why, "dead-letter path failed; retrying it later");
-            message
-                .ack_with(AckKind::Nak(Some(delay)))
-                .await
-                .map_err(|err| err.to_string())
-        }
+        tracing::warn!(why, delay_ms = delay.as_millis() as u64, "dead-letter path failed; retrying it later");
+        Settle::Nak(delay)
     };
     if let Err(err) = bus
         .publish_with_headers(
@@ -423,15 +599,12 @@ async fn dead_letter<H: Handler>(
         )
         .await
     {
-        return retry_later(err.to_string()).await;
+        return retry_later(err.to_string());
     }
-    if let Err(err) = handler.on_dead_letter(delivery, reason).await {
-        return retry_later(err.to_string()).await;
+    if let Err(err) = shared.handler.on_dead_letter(delivery, reason).await {
+        return retry_later(err.to_string());
     }
-    message
-        .double_ack_with(AckKind::Term)
-        .await
-        .map_err(|err| err.to_string())
+    Settle::Term
 }
 
 #[cfg(test)]

@@ -1,0 +1,745 @@
+//! The query service against the real Postgres (a database per test) with
+//! the real embedder, called over HTTP.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use elaaoms_query::{search_sql, Config, QueryService};
+use elaaoms_shared::api_keys::{display_prefix, generate_api_key, hash_api_key};
+use elaaoms_shared::config::DatabaseConfig;
+use elaaoms_shared::db::begin_org_tx;
+use elaaoms_shared::embedder::Embedder;
+use elaaoms_shared::test_support::TestDatabase;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/models/all-MiniLM-L6-v2");
+const CALLER: &str = "+14155550123";
+
+// ---------------------------------------------------------------------------
+// Harness: a database, the embedder, the service on port 0, an HTTP client.
+// ---------------------------------------------------------------------------
+
+struct Harness {
+    db: TestDatabase,
+    embedder: Embedder,
+    base: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), elaaoms_query::QueryError>>,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let db = TestDatabase::create().await;
+        let embedder = tokio::task::spawn_blocking(|| Embedder::local(MODEL_DIR.as_ref()))
+            .await
+            .unwrap()
+            .expect("load the embedding model (deploy/local/setup.sh installs it)");
+        let config = Config {
+            database: DatabaseConfig {
+                database_url: db.service_url.clone(),
+                database_max_connections: 4,
+            },
+            addr: "127.0.0.1:0".parse().unwrap(),
+        };
+        let service = QueryService::build(config, embedder.clone()).await.expect("build the query service");
+        let addr: SocketAddr = service.local_addr();
+        assert_ne!(addr.port(), 0);
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(service.run(shutdown.clone()));
+        Self {
+            db,
+            embedder,
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            shutdown,
+            server,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("the service stops after cancellation")
+            .unwrap()
+            .expect("the service stops cleanly");
+    }
+
+    async fn organization(&self, slug: &str) -> Org {
+        let id = self
+            .db
+            .create_organization(slug, "a-webhook-secret-of-at-least-32-bytes!!")
+            .await;
+        let key = self.api_key(id).await;
+        Org { id, key }
+    }
+
+    async fn api_key(&self, organization_id: Uuid) -> String {
+        let key = generate_api_key();
+        sqlx::query("INSERT INTO api_keys (organization_id, name, key_hash, key_prefix) VALUES ($1, 'test', $2, $3)")
+            .bind(organization_id)
+            .bind(hash_api_key(&key))
+            .bind(display_prefix(&key))
+            .execute(&self.db.admin_pool)
+            .await
+            .unwrap();
+        key
+    }
+
+    /// Inserts a memory, with its caller, agent and conversation, through the
+    /// service role inside the organization's transaction (as the indexer does).
+    async fn memory(&self, org: &Org, memory: NewMemory<'_>) -> Uuid {
+        let embedding = self.embedder.embed_one(memory.content).await.unwrap();
+        let conversation = format!("conv_{}_{}", memory.agent, memory.caller);
+        let mut tx = begin_org_tx(&self.db.pool, org.id).await.unwrap();
+        sqlx::query(
+            "INSERT INTO callers (organization_id, caller_id, first_seen_at, last_seen_at)
+             VALUES ($1, $2, now(), now()) ON CONFLICT DO NOTHING",
+        )
+        .bind(org.id)
+        .bind(memory.caller)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO agents (organization_id, agent_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(org.id)
+            .bind(memory.agent)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO conversations (organization_id, conversation_id, agent_id, caller_id, start_time, status)
+             VALUES ($1, $2, $3, $4, now(), 'completed') ON CONFLICT DO NOTHING",
+        )
+        .bind(org.id)
+        .bind(&conversation)
+        .bind(memory.agent)
+        .bind(memory.caller)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let id: Uuid = sqlx::query_scalar(
+            "INSERT INTO memories (organization_id, caller_id, agent_id, conversation_id, content, type,
+                                   importance, sensitive_class, confidence, status, metadata, embedding,
+                                   embedding_model, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0.9, $9, $10, $11, 'all-MiniLM-L6-v2',
+                     now() - make_interval(secs => $12))
+             RETURNING id",
+        )
+        .bind(org.id)
+        .bind(memory.caller)
+        .bind(memory.agent)
+        .bind(&conversation)
+        .bind(memory.content)
+        .bind(memory.memory_type)
+        .bind(memory.importance)
+        .bind(memory.sensitive_class)
+        .bind((memory.memory_type == "issue").then_some("open"))
+        .bind(json!({"source_quote": memory.content}))
+        .bind(pgvector::Vector::from(embedding))
+        .bind(memory.age_secs)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        id
+    }
+
+    async fn post_search(&self, key: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut request = self.http.post(format!("{}/v1/search", self.base)).json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        respond(request).await
+    }
+
+    /// Searches and returns the contents of the results, best first.
+    async fn search(&self, org: &Org, body: Value) -> Vec<String> {
+        let (status, body) = self.post_search(Some(&org.key), &body).await;
+        assert_eq!(status, 200, "{body}");
+        contents(&body["results"])
+    }
+
+    async fn list(&self, org: &Org, caller: &str, query: &str) -> (u16, Value) {
+        let caller = caller.replace('+', "%2B");
+        let request = self
+            .http
+            .get(format!("{}/v1/callers/{caller}/memories{query}", self.base))
+            .bearer_auth(&org.key);
+        respond(request).await
+    }
+}
+
+async fn respond(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.expect("request reaches the service");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("status {status}: not JSON: {text}"));
+    (status, body)
+}
+
+fn contents(results: &Value) -> Vec<String> {
+    results
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {results}"))
+        .iter()
+        .map(|item| item["content"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn sorted(mut items: Vec<String>) -> Vec<String> {
+    items.sort();
+    items
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    sorted(items.iter().map(|item| item.to_string()).collect())
+}
+
+struct Org {
+    id: Uuid,
+    key: String,
+}
+
+#[derive(Clone, Copy)]
+struct NewMemory<'a> {
+    caller: &'a str,
+    agent: &'a str,
+    content: &'a str,
+    memory_type: &'a str,
+    importance: i16,
+    sensitive_class: Option<&'a str>,
+    age_secs: f64,
+}
+
+fn memory<'a>(agent: &'a str, content: &'a str, memory_type: &'a str, importance: i16) -> NewMemory<'a> {
+    NewMemory {
+        caller: CALLER,
+        agent,
+        content,
+        memory_type,
+        importance,
+        sensitive_class: None,
+        age_secs: 0.0,
+    }
+}
+
+/// Asserts the `{"error": {"code", "message"}}` shape and returns the message.
+fn error_message(body: &Value) -> &str {
+    let error = body["error"].as_object().unwrap_or_else(|| panic!("no error object: {body}"));
+    assert!(error["code"].as_str().is_some_and(|code| !code.is_empty()), "{body}");
+    error["message"].as_str().unwrap_or_else(|| panic!("no message: {body}"))
+}
+
+// ---------------------------------------------------------------------------
+// Ranking, threshold, limit, filters
+// ---------------------------------------------------------------------------
+
+const ALLERGY: &str = "The caller is allergic to penicillin";
+const MORNINGS: &str = "The caller prefers morning appointments";
+const SON: &str = "The caller's son Kiran is nine";
+const REFUND: &str = "The caller is waiting for a refund of a double charge";
+
+#[tokio::test]
+async fn search_ranks_by_similarity_and_honours_threshold_and_limit() {
+    let h = Harness::start().await;
+    let org = h.organization("clinic").await;
+    let allergy_id = h.memory(&org, memory("agent_dental", ALLERGY, "factual", 9)).await;
+    h.memory(&org, memory("agent_dental", MORNINGS, "preference", 5)).await;
+    h.memory(&org, memory("agent_dental", SON, "relationship", 6)).await;
+    h.memory(&org, memory("agent_dental", REFUND, "issue", 7)).await;
+
+    // Everything, ranked: the allergy first, scores descending, in (0, 1].
+    let (status, body) = h
+        .post_search(
+            Some(&org.key),
+            &json!({"query_text": "does she have any drug allergies", "caller_id": CALLER,
+                    "relevance_threshold": 0.0, "result_limit": 10}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    let scores: Vec<f64> = results.iter().map(|r| r["score"].as_f64().unwrap()).collect();
+    eprintln!("scores: {:?}", results.iter().map(|r| (r["content"].as_str().unwrap(), r["score"].as_f64().unwrap())).collect::<Vec<_>>());
+    assert_eq!(results[0]["content"], ALLERGY, "{body}");
+    assert!(scores.windows(2).all(|pair| pair[0] >= pair[1]), "{scores:?}");
+    assert!(scores[0] > 0.0 && scores[0] <= 1.0, "{scores:?}");
+    assert!(body["query_time_ms"].as_f64().is_some(), "{body}");
+
+    // Every field of the memory is there, under the seed's names.
+    let top = &results[0];
+    assert_eq!(top["memory_id"], allergy_id.to_string());
+    assert_eq!(top["type"], "factual");
+    assert_eq!(top["importance"], 9);
+    assert_eq!(top["is_shareable"], true);
+    assert!((top["confidence"].as_f64().unwrap() - 0.9).abs() < 1e-6, "{top}");
+    assert_eq!(top["reinforcement_count"], 0);
+    assert_eq!(top["status"], Value::Null);
+    assert!(top["created_at"].as_str().is_some(), "{top}");
+    assert_eq!(top["last_reinforced_at"], Value::Null);
+    assert_eq!(top["agent_id"], "agent_dental");
+    assert_eq!(top["conversation_id"], format!("conv_agent_dental_{CALLER}"));
+    assert_eq!(top["metadata"]["source_quote"], ALLERGY);
+    let issue = results.iter().find(|r| r["content"] == REFUND).unwrap();
+    assert_eq!(issue["status"], "open");
+
+    // A threshold between the best and the rest keeps the best only; nothing
+    // below the threshold is ever returned.
+    let threshold = (scores[0] + scores[1]) / 2.0;
+    let (_, body) = h
+        .post_search(
+            Some(&org.key),
+            &json!({"query_text": "does she have any drug allergies", "caller_id": CALLER,
+                    "relevance_threshold": threshold, "result_limit": 10}),
+        )
+        .await;
+    assert_eq!(contents(&body["results"]), vec![ALLERGY]);
+    for threshold in [0.1, 0.2, 0.3, 0.4, 0.5] {
+        let (_, body) = h
+            .post_search(
+                Some(&org.key),
+                &json!({"query_text": "does she have any drug allergies", "caller_id": CALLER,
+                        "relevance_threshold": threshold, "result_limit": 10}),
+            )
+            .await;
+        let returned = body["results"].as_array().unwrap();
+        assert!(returned.iter().all(|r| r["score"].as_f64().unwrap() >= threshold), "{body}");
+        assert_eq!(returned.len(), scores.iter().filter(|&&s| s >= threshold).count(), "{body}");
+    }
+
+    // The default threshold (0.7): the same sentence matches, a vague one does not.
+    let exact = h.search(&org, json!({"query_text": ALLERGY, "caller_id": CALLER})).await;
+    assert_eq!(exact, vec![ALLERGY]);
+    let vague = h.search(&org, json!({"query_text": "what is the weather like on Mars", "caller_id": CALLER})).await;
+    assert!(vague.is_empty(), "{vague:?}");
+
+    // result_limit.
+    let limited = h
+        .search(
+            &org,
+            json!({"query_text": "does she have any drug allergies", "caller_id": CALLER,
+                   "relevance_threshold": 0.0, "result_limit": 2}),
+        )
+        .await;
+    assert_eq!(limited.len(), 2);
+    assert_eq!(limited[0], ALLERGY);
+
+    // Type and importance filters.
+    let preferences = h
+        .search(
+            &org,
+            json!({"query_text": "when does she like to come in", "caller_id": CALLER,
+                   "relevance_threshold": 0.0, "types": ["preference"]}),
+        )
+        .await;
+    assert_eq!(preferences, vec![MORNINGS]);
+    let important = h
+        .search(
+            &org,
+            json!({"query_text": "anything", "caller_id": CALLER, "relevance_threshold": 0.0, "min_importance": 7}),
+        )
+        .await;
+    assert_eq!(sorted(important), strings(&[ALLERGY, REFUND]));
+
+    // A caller with no memories is an empty result, not an error.
+    let (status, body) = h
+        .post_search(Some(&org.key), &json!({"query_text": "allergies", "caller_id": "+15550000000"}))
+        .await;
+    assert_eq!((status, body["results"].clone()), (200, json!([])));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn listing_is_newest_first_with_limit_and_types() {
+    let h = Harness::start().await;
+    let org = h.organization("clinic").await;
+    for (content, memory_type, age) in [
+        (ALLERGY, "factual", 300.0),
+        (MORNINGS, "preference", 200.0),
+        (SON, "relationship", 100.0),
+    ] {
+        h.memory(&org, NewMemory { age_secs: age, ..memory("agent_dental", content, memory_type, 5) })
+            .await;
+    }
+    let (status, body) = h.list(&org, CALLER, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["caller_id"], CALLER);
+    assert_eq!(contents(&body["memories"]), vec![SON, MORNINGS, ALLERGY]);
+    assert!(body["memories"][0].get("score").is_none(), "{body}");
+
+    let (_, body) = h.list(&org, CALLER, "?limit=2").await;
+    assert_eq!(contents(&body["memories"]), vec![SON, MORNINGS]);
+    let (_, body) = h.list(&org, CALLER, "?types=factual,preference").await;
+    assert_eq!(contents(&body["memories"]), vec![MORNINGS, ALLERGY]);
+
+    for query in ["?limit=0", "?limit=501", "?types=gossip", "?colour=red"] {
+        let (status, body) = h.list(&org, CALLER, query).await;
+        assert_eq!(status, 422, "{query}: {body}");
+        error_message(&body);
+    }
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Tenancy
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn organizations_never_see_each_others_callers() {
+    let h = Harness::start().await;
+    let a = h.organization("org-a").await;
+    let b = h.organization("org-b").await;
+    // The same phone number is a different caller in each organization.
+    h.memory(&a, memory("agent_a", "The caller's dog is named Biscuit", "factual", 9)).await;
+    h.memory(&b, memory("agent_b", "The caller's dog is named Pepper", "factual", 9)).await;
+    h.memory(&b, memory("agent_b", "The caller drives a red truck", "factual", 9)).await;
+    let b_only = "+14155550999";
+    h.memory(&b, NewMemory { caller: b_only, ..memory("agent_b", "The caller's dog is named Rex", "factual", 9) })
+        .await;
+
+    for body in [
+        json!({"query_text": "what is the dog called", "caller_id": CALLER, "relevance_threshold": 0.0,
+               "result_limit": 100}),
+        json!({"query_text": "what is the dog called", "caller_id": CALLER, "relevance_threshold": 0.0,
+               "result_limit": 100, "search_all_agents": true, "agent_id": "agent_b"}),
+        json!({"query_text": "what is the dog called", "caller_id": CALLER, "relevance_threshold": 0.0,
+               "result_limit": 100, "agent_id": "agent_a"}),
+    ] {
+        assert_eq!(h.search(&a, body).await, vec!["The caller's dog is named Biscuit"]);
+    }
+    let seen_by_b = h
+        .search(
+            &b,
+            json!({"query_text": "what is the dog called", "caller_id": CALLER, "relevance_threshold": 0.0,
+                   "search_all_agents": true}),
+        )
+        .await;
+    assert_eq!(
+        sorted(seen_by_b),
+        strings(&["The caller drives a red truck", "The caller's dog is named Pepper"])
+    );
+
+    // B's own caller does not exist for A: no results, and a 404 listing.
+    let found = h
+        .search(
+            &a,
+            json!({"query_text": "what is the dog called", "caller_id": b_only, "relevance_threshold": 0.0,
+                   "search_all_agents": true}),
+        )
+        .await;
+    assert!(found.is_empty(), "{found:?}");
+    let (status, body) = h.list(&a, b_only, "").await;
+    assert_eq!(status, 404, "{body}");
+    error_message(&body);
+    let (status, body) = h.list(&a, CALLER, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(contents(&body["memories"]), vec!["The caller's dog is named Biscuit"]);
+    let (_, body) = h.list(&b, b_only, "").await;
+    assert_eq!(contents(&body["memories"]), vec!["The caller's dog is named Rex"]);
+
+    // Row-level security is the second wall: inside A's transaction the
+    // service role sees none of B's rows even without a filter of its own.
+    let mut tx = begin_org_tx(&h.db.pool, a.id).await.unwrap();
+    let visible: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT organization_id FROM memories")
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(visible, vec![a.id]);
+    tx.rollback().await.unwrap();
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn the_service_role_cannot_bypass_row_level_security() {
+    let db = TestDatabase::create().await;
+    let (user, superuser, bypass): (String, bool, bool) = sqlx::query_as(
+        "SELECT rolname::text, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(!superuser && !bypass, "{user} would bypass row-level security");
+    // Outside an organization's transaction it sees nothing at all.
+    let org = db.create_organization("lonely", "a-webhook-secret-of-at-least-32-bytes!!").await;
+    sqlx::query(
+        "INSERT INTO callers (organization_id, caller_id, first_seen_at, last_seen_at) VALUES ($1, $2, now(), now())",
+    )
+    .bind(org)
+    .bind(CALLER)
+    .execute(&db.admin_pool)
+    .await
+    .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM callers").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(seen, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Sharing between agents
+// ---------------------------------------------------------------------------
+
+const JAZZ: &str = "The caller likes jazz music";
+const LATEX: &str = "The caller is allergic to latex gloves";
+const DIABETES: &str = "The caller has type 2 diabetes";
+const WINDOW: &str = "The caller wants a table by the window";
+
+#[tokio::test]
+async fn agents_see_their_own_memories_and_what_the_policy_shares() {
+    let h = Harness::start().await;
+    let org = h.organization("bistro").await;
+    h.memory(&org, memory("agent_x", JAZZ, "preference", 5)).await;
+    h.memory(&org, memory("agent_x", LATEX, "factual", 9)).await;
+    h.memory(&org, NewMemory { sensitive_class: Some("health"), ..memory("agent_x", DIABETES, "factual", 9) })
+        .await;
+    h.memory(&org, memory("agent_y", WINDOW, "preference", 3)).await;
+
+    let as_agent = |agent: &str, all: bool| {
+        json!({"query_text": "what do we know about the caller", "caller_id": CALLER,
+               "relevance_threshold": 0.0, "result_limit": 100, "agent_id": agent, "search_all_agents": all})
+    };
+    let listed = |body: Value| sorted(contents(&body["memories"]));
+
+    // by_importance (the default): Y sees its own and X's importance-9 memory,
+    // not X's importance-5 one, nor the health one.
+    assert_eq!(sorted(h.search(&org, as_agent("agent_y", false)).await), strings(&[LATEX, WINDOW]));
+    assert_eq!(listed(h.list(&org, CALLER, "?agent_id=agent_y").await.1), strings(&[LATEX, WINDOW]));
+    assert_eq!(sorted(h.search(&org, as_agent("agent_x", false)).await), strings(&[DIABETES, JAZZ, LATEX]));
+    // Across all agents, or with no agent named: everything.
+    let everything = strings(&[DIABETES, JAZZ, LATEX, WINDOW]);
+    assert_eq!(sorted(h.search(&org, as_agent("agent_y", true)).await), everything);
+    let no_agent = json!({"query_text": "what do we know about the caller", "caller_id": CALLER,
+                          "relevance_threshold": 0.0, "result_limit": 100});
+    assert_eq!(sorted(h.search(&org, no_agent).await), everything);
+    assert_eq!(listed(h.list(&org, CALLER, "").await.1), everything);
+
+    // Sensitive classes cross agents only when the organization opts in.
+    set_org(&h, org.id, "share_sensitive = true").await;
+    assert_eq!(sorted(h.search(&org, as_agent("agent_y", false)).await), strings(&[DIABETES, LATEX, WINDOW]));
+
+    // none: only the agent's own memories.
+    set_org(&h, org.id, "sharing_policy = 'none'").await;
+    assert_eq!(h.search(&org, as_agent("agent_y", false)).await, vec![WINDOW]);
+    assert_eq!(listed(h.list(&org, CALLER, "?agent_id=agent_y").await.1), strings(&[WINDOW]));
+    assert_eq!(sorted(h.search(&org, as_agent("agent_y", true)).await), everything);
+
+    // all: everything, whatever the importance.
+    set_org(&h, org.id, "sharing_policy = 'all'").await;
+    assert_eq!(sorted(h.search(&org, as_agent("agent_y", false)).await), everything);
+    h.stop().await;
+}
+
+async fn set_org(h: &Harness, id: Uuid, assignment: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE organizations SET {assignment} WHERE id = $1")))
+        .bind(id)
+        .execute(&h.db.admin_pool)
+        .await
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Validation and authentication
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn invalid_requests_get_json_errors_naming_the_field() {
+    let h = Harness::start().await;
+    let org = h.organization("clinic").await;
+    let valid = json!({"query_text": "allergies", "caller_id": CALLER});
+
+    for (body, field) in [
+        (json!({"query_text": "", "caller_id": CALLER}), "query_text"),
+        (json!({"query_text": "x".repeat(1001), "caller_id": CALLER}), "query_text"),
+        (json!({"query_text": "allergies"}), "caller_id"),
+        (json!({"query_text": "allergies", "caller_id": CALLER, "result_limit": 101}), "result_limit"),
+        (json!({"query_text": "allergies", "caller_id": CALLER, "result_limit": 0}), "result_limit"),
+        (json!({"query_text": "allergies", "caller_id": CALLER, "relevance_threshold": 1.5}), "relevance_threshold"),
+        (json!({"query_text": "allergies", "caller_id": CALLER, "types": ["gossip"]}), "types"),
+        (json!({"query_text": "allergies", "caller_id": CALLER, "min_importance": 0}), "min_importance"),
+    ] {
+        let (status, response) = h.post_search(Some(&org.key), &body).await;
+        assert_eq!(status, 422, "{body}: {response}");
+        assert_eq!(response["error"]["code"], "invalid_field");
+        assert!(error_message(&response).contains(field), "{field}: {response}");
+    }
+
+    // Not JSON at all, and a body over the limit.
+    let response = h
+        .http
+        .post(format!("{}/v1/search", h.base))
+        .bearer_auth(&org.key)
+        .header("content-type", "application/json")
+        .body("{\"query_text\": ");
+    let (status, body) = respond(response).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(error_message(&body).contains("JSON"), "{body}");
+    let huge = json!({"query_text": "x".repeat(70 * 1024), "caller_id": CALLER});
+    let (status, body) = h.post_search(Some(&org.key), &huge).await;
+    assert_eq!(status, 413, "{body}");
+    error_message(&body);
+
+    // Authentication comes first and never says what was wrong.
+    let revoked = h.api_key(org.id).await;
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE key_hash = $1")
+        .bind(hash_api_key(&revoked))
+        .execute(&h.db.admin_pool)
+        .await
+        .unwrap();
+    let wrong = generate_api_key();
+    let mut messages = Vec::new();
+    for key in [None, Some(wrong.as_str()), Some(revoked.as_str()), Some("")] {
+        for body in [&valid, &json!({"query_text": ""})] {
+            let (status, response) = h.post_search(key, body).await;
+            assert_eq!(status, 401, "{key:?}: {response}");
+            assert_eq!(response["error"]["code"], "unauthorized");
+            messages.push(error_message(&response).to_owned());
+        }
+    }
+    let (status, _) = respond(
+        h.http
+            .get(format!("{}/v1/callers/{CALLER}/memories", h.base))
+            .header("authorization", format!("Basic {}", org.key)),
+    )
+    .await;
+    assert_eq!(status, 401);
+    messages.dedup();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+
+    // The valid request still works with the valid key.
+    let (status, body) = h.post_search(Some(&org.key), &valid).await;
+    assert_eq!(status, 200, "{body}");
+
+    // Unknown routes answer in the same shape.
+    let (status, body) = respond(h.http.get(format!("{}/v1/nothing-here", h.base))).await;
+    assert_eq!(status, 404);
+    error_message(&body);
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The plan: an exact scan of the caller's rows, never a vector index
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn search_never_uses_a_vector_index() {
+    let h = Harness::start().await;
+    let org = h.organization("clinic").await;
+    for (i, content) in [ALLERGY, MORNINGS, SON, REFUND, JAZZ, LATEX, WINDOW].iter().enumerate() {
+        let caller = if i % 2 == 0 { CALLER } else { "+14155550999" };
+        h.memory(&org, NewMemory { caller, ..memory("agent_dental", content, "factual", 5) }).await;
+    }
+    sqlx::query("CREATE INDEX memories_embedding_hnsw ON memories USING hnsw (embedding vector_ip_ops)")
+        .execute(&h.db.admin_pool)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE memories").execute(&h.db.admin_pool).await.unwrap();
+    let query = pgvector::Vector::from(h.embedder.embed_one("drug allergies").await.unwrap());
+
+    let explain = |sql: String, agent: Option<&'static str>| {
+        let query = query.clone();
+        let pool = h.db.pool.clone();
+        let org = org.id;
+        async move {
+            let mut tx = begin_org_tx(&pool, org).await.unwrap();
+            sqlx::query("SET LOCAL enable_seqscan = off").execute(&mut *tx).await.unwrap();
+            let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+                .bind(org)
+                .bind(CALLER)
+                .bind(query)
+                .bind(agent)
+                .bind(None::<Vec<String>>)
+                .bind(None::<i16>)
+                .bind(0.7_f64)
+                .bind(5_i64)
+                .fetch_all(&mut *tx)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            lines.join("\n")
+        }
+    };
+
+    for agent in [None, Some("agent_dental")] {
+        let plan = explain(search_sql().to_owned(), agent).await;
+        assert!(!plan.contains("memories_embedding_hnsw"), "the search used the HNSW index:\n{plan}");
+        assert!(plan.contains("memories_caller_recent"), "the search did not scan by caller:\n{plan}");
+    }
+    // The control: without `+ 0` the same statement would use the vector
+    // index, so the assertion above means something.
+    let naive = search_sql().replace("(m.embedding <#> $3) + 0", "m.embedding <#> $3");
+    assert_ne!(naive, search_sql());
+    let plan = explain(naive, None).await;
+    assert!(plan.contains("memories_embedding_hnsw"), "control plan:\n{plan}");
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Start-up, health, metrics, shutdown
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn health_and_metrics_are_served() {
+    let h = Harness::start().await;
+    let org = h.organization("clinic").await;
+    let (status, body) = respond(h.http.get(format!("{}/healthz", h.base))).await;
+    assert_eq!((status, body["service"].as_str()), (200, Some("query")));
+    let (status, body) = respond(h.http.get(format!("{}/readyz", h.base))).await;
+    assert_eq!(status, 200, "{body}");
+
+    h.post_search(Some(&org.key), &json!({"query_text": "allergies", "caller_id": CALLER})).await;
+    h.post_search(None, &json!({"query_text": "allergies", "caller_id": CALLER})).await;
+    let metrics = h
+        .http
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"elaaoms_query_http_requests_total{method="POST",route="/v1/search",status="200"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"elaaoms_query_http_requests_total{method="POST",route="/v1/search",status="401"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("elaaoms_query_http_request_duration_seconds_bucket"), "{metrics}");
+    assert!(metrics.contains(r#"elaaoms_query_search_stage_seconds_count{stage="embed"} 1"#), "{metrics}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn build_fails_fast_with_a_clear_message() {
+    let embedder = tokio::task::spawn_blocking(|| Embedder::local(MODEL_DIR.as_ref()))
+        .await
+        .unwrap()
+        .unwrap();
+    let unreachable = Config {
+        database: DatabaseConfig {
+            database_url: "postgres://nobody:secret-password@127.0.0.1:1/elaaoms".to_owned().into(),
+            database_max_connections: 1,
+        },
+        addr: "127.0.0.1:0".parse().unwrap(),
+    };
+    let err = QueryService::build(unreachable, embedder.clone()).await.err().expect("no database");
+    let message = err.to_string();
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(!message.contains("secret-password"), "{message}");
+
+    let db = TestDatabase::create().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = Config {
+        database: DatabaseConfig {
+            database_url: db.service_url.clone(),
+            database_max_connections: 1,
+        },
+        addr: taken.local_addr().unwrap(),
+    };
+    let err = QueryService::build(busy, embedder).await.err().expect("address in use");
+    assert!(err.to_string().contains(&taken.local_addr().unwrap().to_string()), "{err}");
+}
