@@ -50,7 +50,7 @@ impl RunningSystem {
         let payload_config = PayloadStoreConfig {
             payload_dir: payloads.path().to_owned(),
         };
-        let embedder = Embedder::local(&format!("{}/data/models/all-MiniLM-L6-v2", env!("CARGO_MANIFEST_DIR")).into())
+        let embedder = Embedder::local(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/models/all-MiniLM-L6-v2")))
             .expect("model files: run deploy/local/setup.sh");
 
         let ingest = elaaoms_ingest::IngestService::build(elaaoms_ingest::Config {

@@ -50,14 +50,19 @@ impl IntoResponse for AuthRejection {
 impl FromRequestParts<AppState> for Organization {
     type Rejection = AuthRejection;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let key = bearer_token(parts).ok_or(AuthRejection::Unauthorized)?;
         let found: Option<(Uuid, Uuid)> =
             sqlx::query_as("SELECT organization_id, api_key_id FROM auth_api_key($1)")
                 .bind(hash_api_key(key))
                 .fetch_optional(&state.pool)
                 .await
-                .map_err(|err| AuthRejection::Failed(database_error("looking up an API key", err)))?;
+                .map_err(|err| {
+                    AuthRejection::Failed(database_error("looking up an API key", err))
+                })?;
         let (id, api_key_id) = found.ok_or(AuthRejection::Unauthorized)?;
         let span = tracing::Span::current();
         span.record("organization_id", tracing::field::display(id));
@@ -94,8 +99,14 @@ mod tests {
 
     #[test]
     fn bearer_tokens_are_parsed_strictly() {
-        assert_eq!(bearer_token(&parts(Some("Bearer elk_abc"))), Some("elk_abc"));
-        assert_eq!(bearer_token(&parts(Some("bearer  elk_abc "))), Some("elk_abc"));
+        assert_eq!(
+            bearer_token(&parts(Some("Bearer elk_abc"))),
+            Some("elk_abc")
+        );
+        assert_eq!(
+            bearer_token(&parts(Some("bearer  elk_abc "))),
+            Some("elk_abc")
+        );
         assert_eq!(bearer_token(&parts(None)), None);
         assert_eq!(bearer_token(&parts(Some("Basic elk_abc"))), None);
         assert_eq!(bearer_token(&parts(Some("Bearer"))), None);

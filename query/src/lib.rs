@@ -45,9 +45,20 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct Config {
     #[command(flatten)]
     pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub settings: QuerySettings,
+}
 
+/// What only the query service needs (the shared sections are configured
+/// once when `elaaoms run` starts every service).
+#[derive(clap::Args, Debug, Clone)]
+pub struct QuerySettings {
     /// where the query API listens
-    #[arg(long = "query-addr", env = "QUERY_ADDR", default_value = "127.0.0.1:8081")]
+    #[arg(
+        long = "query-addr",
+        env = "QUERY_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
     pub addr: SocketAddr,
 }
 
@@ -80,14 +91,14 @@ impl QueryService {
             context: "connecting to Postgres",
             source,
         })?;
-        let listener = elaaoms_shared::http::bind(config.addr)
+        let listener = elaaoms_shared::http::bind(config.settings.addr)
             .await
             .map_err(|source| QueryError::Bind {
-                addr: config.addr,
+                addr: config.settings.addr,
                 source,
             })?;
         let local_addr = listener.local_addr().map_err(|source| QueryError::Bind {
-            addr: config.addr,
+            addr: config.settings.addr,
             source,
         })?;
 
@@ -138,5 +149,8 @@ fn router(state: AppState, health: Health) -> Router {
         .with_state(state.clone());
     api.merge(health_router(health))
         .fallback(error::not_found)
-        .layer(axum::middleware::from_fn_with_state(state.metrics, metrics::track))
+        .layer(axum::middleware::from_fn_with_state(
+            state.metrics,
+            metrics::track,
+        ))
 }

@@ -121,12 +121,19 @@ fn parse_list_params(pairs: Vec<(String, String)>) -> Result<ListParams, ApiErro
                     .ok()
                     .filter(|limit| (1..=MAX_LIST_LIMIT).contains(limit))
                     .ok_or_else(|| {
-                        ValidationError::new("limit", format!("must be an integer between 1 and {MAX_LIST_LIMIT}"))
+                        ValidationError::new(
+                            "limit",
+                            format!("must be an integer between 1 and {MAX_LIST_LIMIT}"),
+                        )
                     })?;
             }
             "types" => {
                 let types = params.types.get_or_insert_with(Vec::new);
-                for name in value.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+                for name in value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|name| !name.is_empty())
+                {
                     let memory_type = MemoryType::parse(name).map_err(|_| {
                         ValidationError::new(
                             "types",
@@ -159,7 +166,10 @@ mod tests {
     use super::*;
 
     fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-        items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        items
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -183,7 +193,11 @@ mod tests {
         assert_eq!(params.limit, 500);
         assert_eq!(
             params.types.unwrap(),
-            vec![MemoryType::Factual, MemoryType::Issue, MemoryType::Preference]
+            vec![
+                MemoryType::Factual,
+                MemoryType::Issue,
+                MemoryType::Preference
+            ]
         );
     }
 
@@ -199,7 +213,11 @@ mod tests {
         ] {
             let err = parse_list_params(items).unwrap_err();
             assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
-            assert!(err.message.starts_with(&format!("{field}: ")), "{}", err.message);
+            assert!(
+                err.message.starts_with(&format!("{field}: ")),
+                "{}",
+                err.message
+            );
         }
     }
 }

@@ -26,7 +26,10 @@ pub(crate) struct Metrics {
 impl Metrics {
     pub fn register(registry: &Registry) -> Self {
         let requests = IntCounterVec::new(
-            Opts::new("elaaoms_query_http_requests_total", "HTTP requests answered by the query service"),
+            Opts::new(
+                "elaaoms_query_http_requests_total",
+                "HTTP requests answered by the query service",
+            ),
             &["route", "method", "status"],
         )
         .expect("valid metric");
@@ -64,7 +67,11 @@ impl Metrics {
 
 /// Middleware: times the request and counts it by its route pattern (never
 /// the raw path, which would hold caller ids and grow without bound).
-pub(crate) async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
+pub(crate) async fn track(
+    State(metrics): State<Metrics>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -92,7 +99,11 @@ pub(crate) async fn track(State(metrics): State<Metrics>, request: Request, next
         .with_label_values(&[route.as_str()])
         .observe(elapsed.as_secs_f64());
     span.in_scope(|| {
-        tracing::debug!(status = status.as_u16(), elapsed_ms = elapsed.as_secs_f64() * 1000.0, "answered");
+        tracing::debug!(
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "answered"
+        );
     });
     response
 }

@@ -147,15 +147,17 @@ impl FromRequest<AppState> for SearchBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            let status = rejection.status();
-            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "payload_too_large"
-            } else {
-                "bad_request"
-            };
-            ApiError::new(status, code, rejection.body_text())
-        })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                let status = rejection.status();
+                let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "payload_too_large"
+                } else {
+                    "bad_request"
+                };
+                ApiError::new(status, code, rejection.body_text())
+            })?;
         parse_search_request(&bytes).map(SearchBody)
     }
 }
@@ -176,7 +178,10 @@ pub(crate) fn parse_search_request(body: &[u8]) -> Result<SearchRequest, ApiErro
 
     let query_text = QueryText::new(fields.required_string("query_text")?)?;
     let caller_id = CallerId::new(fields.required_string("caller_id")?)?;
-    let agent_id = fields.optional_string("agent_id")?.map(AgentId::new).transpose()?;
+    let agent_id = fields
+        .optional_string("agent_id")?
+        .map(AgentId::new)
+        .transpose()?;
     let search_all_agents = fields.optional_bool("search_all_agents")?.unwrap_or(false);
     let relevance_threshold = match fields.optional_number("relevance_threshold")? {
         Some(value) => RelevanceThreshold::new(value)?,
@@ -262,7 +267,11 @@ impl Fields {
 
     /// An integer; one too large for i64 is passed on as `i64::MAX` so the
     /// domain type reports it out of range.
-    fn optional_integer(&mut self, field: &'static str, range: &str) -> Result<Option<i64>, ValidationError> {
+    fn optional_integer(
+        &mut self,
+        field: &'static str,
+        range: &str,
+    ) -> Result<Option<i64>, ValidationError> {
         match self.take(field) {
             None => Ok(None),
             Some(value) => value
@@ -273,7 +282,10 @@ impl Fields {
         }
     }
 
-    fn optional_types(&mut self, field: &'static str) -> Result<Option<Vec<MemoryType>>, ValidationError> {
+    fn optional_types(
+        &mut self,
+        field: &'static str,
+    ) -> Result<Option<Vec<MemoryType>>, ValidationError> {
         let Some(value) = self.take(field) else {
             return Ok(None);
         };
@@ -319,7 +331,8 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_seed() {
-        let request = parse(json!({"query_text": "allergies?", "caller_id": "+14155550123"})).unwrap();
+        let request =
+            parse(json!({"query_text": "allergies?", "caller_id": "+14155550123"})).unwrap();
         assert_eq!(request.relevance_threshold, RelevanceThreshold::DEFAULT);
         assert_eq!(request.result_limit, ResultLimit::DEFAULT);
         assert!(!request.search_all_agents);
@@ -337,11 +350,20 @@ mod tests {
             "conversation_id": "conv_1", "timestamp": "2026-11-25T10:00:00Z"
         }))
         .unwrap();
-        assert_eq!(request.agent_id.as_ref().map(AgentId::as_str), Some("agent_x"));
-        assert_eq!(request.viewing_agent().map(AgentId::as_str), Some("agent_x"));
+        assert_eq!(
+            request.agent_id.as_ref().map(AgentId::as_str),
+            Some("agent_x")
+        );
+        assert_eq!(
+            request.viewing_agent().map(AgentId::as_str),
+            Some("agent_x")
+        );
         assert_eq!(request.relevance_threshold.get(), 0.5);
         assert_eq!(request.result_limit.get(), 7);
-        assert_eq!(request.types, Some(vec![MemoryType::Factual, MemoryType::Issue]));
+        assert_eq!(
+            request.types,
+            Some(vec![MemoryType::Factual, MemoryType::Issue])
+        );
         assert_eq!(request.min_importance.map(Importance::get), Some(6));
     }
 
@@ -358,29 +380,78 @@ mod tests {
     fn invalid_fields_are_named() {
         let cases = [
             (json!({"query_text": "", "caller_id": "+1"}), "query_text"),
-            (json!({"query_text": "x".repeat(1001), "caller_id": "+1"}), "query_text"),
+            (
+                json!({"query_text": "x".repeat(1001), "caller_id": "+1"}),
+                "query_text",
+            ),
             (json!({"caller_id": "+1"}), "query_text"),
             (json!({"query_text": 5, "caller_id": "+1"}), "query_text"),
             (json!({"query_text": "q"}), "caller_id"),
             (json!({"query_text": "q", "caller_id": "  "}), "caller_id"),
-            (json!({"query_text": "q", "caller_id": "+1", "agent_id": ""}), "agent_id"),
-            (json!({"query_text": "q", "caller_id": "+1", "search_all_agents": "yes"}), "search_all_agents"),
-            (json!({"query_text": "q", "caller_id": "+1", "relevance_threshold": 1.5}), "relevance_threshold"),
-            (json!({"query_text": "q", "caller_id": "+1", "relevance_threshold": -0.1}), "relevance_threshold"),
-            (json!({"query_text": "q", "caller_id": "+1", "result_limit": 0}), "result_limit"),
-            (json!({"query_text": "q", "caller_id": "+1", "result_limit": 101}), "result_limit"),
-            (json!({"query_text": "q", "caller_id": "+1", "result_limit": 5.5}), "result_limit"),
-            (json!({"query_text": "q", "caller_id": "+1", "result_limit": u64::MAX}), "result_limit"),
-            (json!({"query_text": "q", "caller_id": "+1", "types": []}), "types"),
-            (json!({"query_text": "q", "caller_id": "+1", "types": ["gossip"]}), "types"),
-            (json!({"query_text": "q", "caller_id": "+1", "types": "factual"}), "types"),
-            (json!({"query_text": "q", "caller_id": "+1", "min_importance": 11}), "min_importance"),
-            (json!({"query_text": "q", "caller_id": "+1", "result_limt": 3}), "result_limt"),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "agent_id": ""}),
+                "agent_id",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "search_all_agents": "yes"}),
+                "search_all_agents",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "relevance_threshold": 1.5}),
+                "relevance_threshold",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "relevance_threshold": -0.1}),
+                "relevance_threshold",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "result_limit": 0}),
+                "result_limit",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "result_limit": 101}),
+                "result_limit",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "result_limit": 5.5}),
+                "result_limit",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "result_limit": u64::MAX}),
+                "result_limit",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "types": []}),
+                "types",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "types": ["gossip"]}),
+                "types",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "types": "factual"}),
+                "types",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "min_importance": 11}),
+                "min_importance",
+            ),
+            (
+                json!({"query_text": "q", "caller_id": "+1", "result_limt": 3}),
+                "result_limt",
+            ),
         ];
         for (body, field) in cases {
             let (status, message) = error_message(body.clone());
-            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {message}");
-            assert!(message.starts_with(&format!("{field}: ")), "{body}: {message}");
+            assert_eq!(
+                status,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{body}: {message}"
+            );
+            assert!(
+                message.starts_with(&format!("{field}: ")),
+                "{body}: {message}"
+            );
         }
     }
 

@@ -5,6 +5,9 @@
 //!
 //! The test handler's behaviour is scripted by the message body (see
 //! `Script`); it records every call it sees.
+//!
+//! Timing: waits poll observable state with a bound (`WAIT`); the only
+//! duration asserted is a lower bound (a nak's delay is honoured).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -212,7 +215,13 @@ fn settings(service: &str) -> ConsumerSettings {
         max_attempts: 3,
         retry_delays: vec![Duration::from_millis(50), Duration::from_millis(100)],
         ack_wait: Duration::from_secs(1),
-        pull_expiry: Duration::from_millis(200),
+        // Longer than any test: no pull request expires while a redelivery
+        // comes due. On nats-server 2.9 that coincidence loses the
+        // redelivery and delivers the message again with a delivery count
+        // of 1 (nats-server#5305, fixed in 2.10.14), which no assertion on
+        // attempts could survive. `an_idle_worker_keeps_pulling_after_its_
+        // pull_requests_expire` covers expiry on its own.
+        pull_expiry: Duration::from_secs(10),
     }
 }
 
@@ -654,5 +663,34 @@ async fn a_message_without_a_decodable_organization_is_handled() {
     assert_eq!(dead[0].payload, Bytes::from_static(b"fail-permanent#no-headers"));
     assert_eq!(header(&dead[0].headers, ORGANIZATION_HEADER), None);
     assert_eq!(header(&dead[0].headers, DLQ_ORIGINAL_SEQUENCE_HEADER), Some(last.to_string().as_str()));
+    test_bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_idle_worker_keeps_pulling_after_its_pull_requests_expire() {
+    init_tracing();
+    let test_bus = TestBus::create().await;
+    let bus = &test_bus.bus;
+    let settings = ConsumerSettings {
+        pull_expiry: Duration::from_millis(200),
+        ..settings("idle")
+    };
+    let handler = TestHandler::new(settings.max_attempts);
+
+    let worker = start_worker(bus, &settings, &handler);
+    wait_until!("the worker to wait for messages", {
+        consumer_info(bus, "idle").await.is_some_and(|info| info.num_waiting > 0)
+    });
+    // Let several pull requests expire before anything is published.
+    let idle_since = Instant::now();
+    wait_until!("a few pull expiries", idle_since.elapsed() > settings.pull_expiry * 4);
+    let organization_id = Uuid::new_v4();
+    let sequence = publish(bus, "m-idle", organization_id, "ok#idle").await;
+    wait_until!("the message to be acked", settled(bus, "idle", sequence).await);
+    worker.stop().await;
+
+    let calls = handler.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!((calls[0].attempt, calls[0].organization_id), (1, Some(organization_id)));
     test_bus.cleanup().await;
 }

@@ -24,6 +24,14 @@
 //! stop before the message is settled (nats-server 2.9 takes a progress
 //! report that follows a nak as a new delivery time, which would replace the
 //! nak's delay with the ack wait).
+//!
+//! nats-server 2.9 (fixed in 2.10.14, nats-server#5305): when a redelivery
+//! comes due at the moment the only waiting pull request expires, the server
+//! loses the redelivery (it comes back after the ack wait, counted one
+//! delivery higher), steps its cursor back and delivers the previous message
+//! once more with a delivery count of 1. Handlers are idempotent; for such a
+//! message the budget is off by a delivery or two. The same coincidence can
+//! drop the pull request without its `408`, which `PULL_END_GRACE` bounds.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -217,6 +225,12 @@ impl OrganizationLimits {
     }
 }
 
+/// How long past its expiry a pull request may stay silent before the loop
+/// gives up on it. nats-server 2.9 can drop an expiring request without the
+/// `408 Request Timeout` that ends it (when a message becomes deliverable at
+/// the moment it expires); async-nats would then wait the expiry plus 5 s.
+const PULL_END_GRACE: Duration = Duration::from_secs(1);
+
 /// Messages taken from the server and not yet settled, per running slot:
 /// those beyond the running ones wait for their organization's turn.
 const HELD_PER_RUNNING_SLOT: usize = 4;
@@ -358,6 +372,7 @@ pub async fn run_consumer<H: Handler>(
             }
         };
         let mut first_permits = Some(first_permits);
+        let batch_deadline = tokio::time::Instant::now() + shared.settings.pull_expiry + PULL_END_GRACE;
         loop {
             // A message the server has already sent is taken even when
             // shutting down: dropped, it would come back only after the ack
@@ -366,6 +381,10 @@ pub async fn run_consumer<H: Handler>(
                 biased;
                 next = batch.next() => next,
                 _ = shutdown.cancelled() => break 'pull,
+                _ = tokio::time::sleep_until(batch_deadline) => {
+                    tracing::debug!("the pull request expired without a word from the server; pulling again");
+                    break;
+                }
             };
             let message = match next {
                 None => break,
@@ -448,7 +467,7 @@ async fn process_message<H: Handler>(shared: Arc<Shared<H>>, message: jetstream:
         progress.stop().await;
         let settled = match settle {
             Settle::Ack => message.double_ack().await,
-            Settle::Nak(delay) => message.ack_with(AckKind::Nak(Some(delay))).await,
+            Settle::Nak(_delay) => message.ack_with(AckKind::Nak(None)).await,
             Settle::Term => message.double_ack_with(AckKind::Term).await,
         };
         match settled {
