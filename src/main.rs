@@ -207,3 +207,14 @@ fn shutdown_signal() -> CancellationToken {
     });
     token
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        // Catches duplicate argument names across the flattened sections.
+        super::Cli::command().debug_assert();
+    }
+}

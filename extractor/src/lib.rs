@@ -45,7 +45,7 @@ pub struct Config {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ExtractorSettings {
     /// Address of the extractor's /healthz, /readyz and /metrics.
-    #[arg(long = "extractor-health-addr", env = "EXTRACTOR_HEALTH_ADDR", default_value = "127.0.0.1:9091")]
+    #[arg(id = "extractor_health_addr", long = "extractor-health-addr", env = "EXTRACTOR_HEALTH_ADDR", default_value = "127.0.0.1:9091")]
     pub health_addr: SocketAddr,
 }
 

@@ -42,7 +42,7 @@ pub struct Config {
 #[derive(clap::Args, Debug, Clone)]
 pub struct IndexerSettings {
     /// Address of the indexer's /healthz, /readyz and /metrics.
-    #[arg(long = "indexer-health-addr", env = "INDEXER_HEALTH_ADDR", default_value = "127.0.0.1:9092")]
+    #[arg(id = "indexer_health_addr", long = "indexer-health-addr", env = "INDEXER_HEALTH_ADDR", default_value = "127.0.0.1:9092")]
     pub health_addr: SocketAddr,
     /// Cosine similarity from which a new memory of the same type reinforces
     /// an existing one (the seed's 0.85).

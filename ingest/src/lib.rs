@@ -51,7 +51,7 @@ pub struct Config {
 #[derive(clap::Args, Debug, Clone)]
 pub struct IngestSettings {
     /// Where the webhook endpoint listens.
-    #[arg(long = "ingest-addr", env = "INGEST_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(id = "ingest_addr", long = "ingest-addr", env = "INGEST_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
     /// Signatures older than this are refused (ElevenLabs' SDKs use 30m).
     #[arg(long, env = "WEBHOOK_SIGNATURE_TOLERANCE", default_value = "30m", value_parser = parse_duration)]

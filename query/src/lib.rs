@@ -55,6 +55,7 @@ pub struct Config {
 pub struct QuerySettings {
     /// where the query API listens
     #[arg(
+        id = "query_addr",
         long = "query-addr",
         env = "QUERY_ADDR",
         default_value = "127.0.0.1:8081"

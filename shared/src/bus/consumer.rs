@@ -467,7 +467,7 @@ async fn process_message<H: Handler>(shared: Arc<Shared<H>>, message: jetstream:
         progress.stop().await;
         let settled = match settle {
             Settle::Ack => message.double_ack().await,
-            Settle::Nak(_delay) => message.ack_with(AckKind::Nak(None)).await,
+            Settle::Nak(delay) => message.ack_with(AckKind::Nak(Some(delay))).await,
             Settle::Term => message.double_ack_with(AckKind::Term).await,
         };
         match settled {
