@@ -13,7 +13,11 @@ use elaaoms_shared::telemetry::init_tracing;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "elaaoms", version, about = "Long-term memory for ElevenLabs voice agents")]
+#[command(
+    name = "elaaoms",
+    version,
+    about = "Long-term memory for ElevenLabs voice agents"
+)]
 struct Cli {
     #[command(flatten)]
     telemetry: TelemetryConfig,
@@ -92,7 +96,9 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Run(args) => run_all(*args).await,
         Command::Ingest(config) => {
-            let service = elaaoms_ingest::IngestService::build(config).await.context("starting ingest")?;
+            let service = elaaoms_ingest::IngestService::build(config)
+                .await
+                .context("starting ingest")?;
             service.run(shutdown_signal()).await.context("ingest")
         }
         Command::Extractor(config) => {
@@ -196,8 +202,9 @@ fn shutdown_signal() -> CancellationToken {
     let cancel = token.clone();
     tokio::spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("can listen for SIGTERM");
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("can listen for SIGTERM");
         tokio::select! {
             _ = ctrl_c => {}
             _ = terminate.recv() => {}

@@ -71,10 +71,11 @@ pub async fn org(args: OrgArgs) -> Result<()> {
                 bail!("the webhook HMAC secret must be at least 32 bytes");
             }
             let admin = db::connect_admin_pool(&args.admin.database_admin_url).await?;
-            let existing: Option<Uuid> = sqlx::query_scalar("SELECT id FROM organizations WHERE slug = $1")
-                .bind(slug.as_str())
-                .fetch_optional(&admin)
-                .await?;
+            let existing: Option<Uuid> =
+                sqlx::query_scalar("SELECT id FROM organizations WHERE slug = $1")
+                    .bind(slug.as_str())
+                    .fetch_optional(&admin)
+                    .await?;
             if let Some(id) = existing {
                 if args.if_not_exists {
                     println!("organization {slug} exists ({id}); nothing changed");
@@ -127,6 +128,15 @@ enum ApiKeyCommand {
     },
 }
 
+/// id, name, prefix, created at, revoked at.
+type ApiKeyRow = (
+    Uuid,
+    String,
+    String,
+    chrono::DateTime<chrono::Utc>,
+    Option<chrono::DateTime<chrono::Utc>>,
+);
+
 async fn organization_id(admin: &PgPool, slug: &str) -> Result<Uuid> {
     sqlx::query_scalar("SELECT id FROM organizations WHERE slug = $1")
         .bind(slug)
@@ -157,25 +167,26 @@ pub async fn apikey(args: ApiKeyArgs) -> Result<()> {
         }
         ApiKeyCommand::List { org } => {
             let id = organization_id(&admin, &org).await?;
-            let keys: Vec<(Uuid, String, String, chrono::DateTime<chrono::Utc>, Option<chrono::DateTime<chrono::Utc>>)> =
-                sqlx::query_as(
-                    "SELECT id, name, key_prefix, created_at, revoked_at FROM api_keys
+            let keys: Vec<ApiKeyRow> = sqlx::query_as(
+                "SELECT id, name, key_prefix, created_at, revoked_at FROM api_keys
                       WHERE organization_id = $1 ORDER BY created_at",
-                )
-                .bind(id)
-                .fetch_all(&admin)
-                .await?;
+            )
+            .bind(id)
+            .fetch_all(&admin)
+            .await?;
             for (id, name, prefix, created, revoked) in keys {
                 let state = revoked.map_or("active".to_owned(), |at| format!("revoked {at}"));
                 println!("{id}  {prefix}…  {name}  created {created}  {state}");
             }
         }
         ApiKeyCommand::Revoke { id } => {
-            let revoked = sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
-                .bind(id)
-                .execute(&admin)
-                .await?
-                .rows_affected();
+            let revoked = sqlx::query(
+                "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+            )
+            .bind(id)
+            .execute(&admin)
+            .await?
+            .rows_affected();
             if revoked == 0 {
                 bail!("no active key {id}");
             }
@@ -202,7 +213,10 @@ pub struct DemoArgs {
     #[arg(long, default_value = "whsec_fixture_0123456789abcdef0123456789abcdef", value_parser = parse_secret)]
     secret: SecretString,
     /// The transcript to send.
-    #[arg(long, default_value = "tests/fixtures/elevenlabs/post_call_transcription_bakery_maya_2025-11-03.json")]
+    #[arg(
+        long,
+        default_value = "tests/fixtures/elevenlabs/post_call_transcription_bakery_maya_2025-11-03.json"
+    )]
     fixture: PathBuf,
     /// What to search for afterwards.
     #[arg(long, default_value = "Does anyone in the family have a food allergy?")]
@@ -212,8 +226,10 @@ pub struct DemoArgs {
 /// Signs and posts a fixture as ElevenLabs would, waits until the pipeline
 /// has indexed it, and prints what a search finds.
 pub async fn demo(args: DemoArgs) -> Result<()> {
-    let body = std::fs::read(&args.fixture).with_context(|| format!("reading {}", args.fixture.display()))?;
-    let fixture: serde_json::Value = serde_json::from_slice(&body).context("the fixture is not JSON")?;
+    let body = std::fs::read(&args.fixture)
+        .with_context(|| format!("reading {}", args.fixture.display()))?;
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&body).context("the fixture is not JSON")?;
     let caller_id = fixture["data"]["metadata"]["phone_call"]["external_number"]
         .as_str()
         .context("the fixture has no data.metadata.phone_call.external_number")?
@@ -225,7 +241,11 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
     let api_key = create_api_key(&admin, organization, "demo").await?;
 
     let http = reqwest::Client::new();
-    let signature = elaaoms_ingest::signature::sign(args.secret.expose_secret(), chrono::Utc::now().timestamp(), &body);
+    let signature = elaaoms_ingest::signature::sign(
+        args.secret.expose_secret(),
+        chrono::Utc::now().timestamp(),
+        &body,
+    );
     let webhook_url = format!("{}/v1/webhooks/elevenlabs/{}", args.ingest_url, args.org);
     let response = http
         .post(&webhook_url)
@@ -237,7 +257,10 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
         .with_context(|| format!("posting to {webhook_url}: is `elaaoms run` running?"))?;
     println!("POST {webhook_url} -> {}", response.status());
     if !response.status().is_success() {
-        bail!("ingest refused the webhook: {}", response.text().await.unwrap_or_default());
+        bail!(
+            "ingest refused the webhook: {}",
+            response.text().await.unwrap_or_default()
+        );
     }
 
     let search = serde_json::json!({
@@ -256,7 +279,8 @@ pub async fn demo(args: DemoArgs) -> Result<()> {
             .send()
             .await
             .context("searching")?;
-        let found: serde_json::Value = response.json().await.context("reading the search result")?;
+        let found: serde_json::Value =
+            response.json().await.context("reading the search result")?;
         let results = found["results"].as_array().cloned().unwrap_or_default();
         if !results.is_empty() {
             println!("search {:?} for caller {caller_id}:", args.query);

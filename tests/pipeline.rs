@@ -17,7 +17,11 @@ const SECRET: &str = "whsec_fixture_0123456789abcdef0123456789abcdef";
 const MAYA: &str = "+14155550123";
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/tests/fixtures/elevenlabs/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
+    std::fs::read(format!(
+        "{}/tests/fixtures/elevenlabs/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture")
 }
 
 fn any_port() -> SocketAddr {
@@ -50,8 +54,11 @@ impl RunningSystem {
         let payload_config = PayloadStoreConfig {
             payload_dir: payloads.path().to_owned(),
         };
-        let embedder = Embedder::local(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/models/all-MiniLM-L6-v2")))
-            .expect("model files: run deploy/local/setup.sh");
+        let embedder = Embedder::local(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/data/models/all-MiniLM-L6-v2"
+        )))
+        .expect("model files: run deploy/local/setup.sh");
 
         let ingest = elaaoms_ingest::IngestService::build(elaaoms_ingest::Config {
             database: database_config.clone(),
@@ -71,7 +78,9 @@ impl RunningSystem {
             bus: bus.config.clone(),
             worker: worker.clone(),
             payloads: payload_config.clone(),
-            settings: elaaoms_extractor::ExtractorSettings { health_addr: any_port() },
+            settings: elaaoms_extractor::ExtractorSettings {
+                health_addr: any_port(),
+            },
         })
         .await
         .expect("extractor starts");
@@ -142,11 +151,17 @@ impl RunningSystem {
 
     async fn post_fixture(&self, name: &str) -> reqwest::Response {
         let body = fixture(name);
-        let signature = elaaoms_ingest::signature::sign(SECRET, chrono::Utc::now().timestamp(), &body);
+        let signature =
+            elaaoms_ingest::signature::sign(SECRET, chrono::Utc::now().timestamp(), &body);
         self.post_webhook(body, signature).await
     }
 
-    async fn search(&self, api_key: &str, caller_id: &str, query_text: &str) -> Vec<serde_json::Value> {
+    async fn search(
+        &self,
+        api_key: &str,
+        caller_id: &str,
+        query_text: &str,
+    ) -> Vec<serde_json::Value> {
         let response = reqwest::Client::new()
             .post(format!("{}/v1/search", self.query_url))
             .bearer_auth(api_key)
@@ -207,7 +222,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(started.elapsed() < limit, "condition not reached within {limit:?}");
+        assert!(
+            started.elapsed() < limit,
+            "condition not reached within {limit:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -226,12 +244,19 @@ async fn signed_webhooks_become_searchable_memories() {
         "post_call_transcription_telecom_tom_2025-11-18.json",
     ] {
         let response = system.post_fixture(name).await;
-        assert_eq!(response.status(), 200, "{name}: {}", response.text().await.unwrap());
+        assert_eq!(
+            response.status(),
+            200,
+            "{name}: {}",
+            response.text().await.unwrap()
+        );
     }
 
     // The fact Maya stated becomes searchable...
     let results = eventually(Duration::from_secs(90), || async {
-        let results = system.search(&api_key, MAYA, "Does her daughter have a nut allergy?").await;
+        let results = system
+            .search(&api_key, MAYA, "Does her daughter have a nut allergy?")
+            .await;
         (!results.is_empty()).then_some(results)
     })
     .await;
@@ -252,18 +277,38 @@ async fn signed_webhooks_become_searchable_memories() {
         .await;
         assert_eq!(status, "extraction_completed");
     }
-    let priya = system.search(&api_key, "+16465550187", "Is she allergic to any antibiotics?").await;
-    assert!(priya[0]["content"].as_str().unwrap().to_lowercase().contains("penicillin"), "{priya:?}");
+    let priya = system
+        .search(
+            &api_key,
+            "+16465550187",
+            "Is she allergic to any antibiotics?",
+        )
+        .await;
+    assert!(
+        priya[0]["content"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("penicillin"),
+        "{priya:?}"
+    );
     // Another caller's memories never answer for Maya.
-    let maya_internet = system.search(&api_key, MAYA, "internet connection keeps dropping").await;
-    assert!(maya_internet.iter().all(|m| !m["content"].as_str().unwrap().contains("internet")));
+    let maya_internet = system
+        .search(&api_key, MAYA, "internet connection keeps dropping")
+        .await;
+    assert!(maya_internet
+        .iter()
+        .all(|m| !m["content"].as_str().unwrap().contains("internet")));
 
     // The raw payload is in the payload store.
     let stored = system
         ._payloads
         .path()
         .join("conv_wxgkkg26wh6wcecpnv68bert84/conv_wxgkkg26wh6wcecpnv68bert84_transcription.json");
-    assert_eq!(std::fs::read(stored).unwrap(), fixture("post_call_transcription_bakery_maya_2025-11-03.json"));
+    assert_eq!(
+        std::fs::read(stored).unwrap(),
+        fixture("post_call_transcription_bakery_maya_2025-11-03.json")
+    );
 
     system.stop().await;
     bus.cleanup().await;
@@ -292,7 +337,10 @@ async fn a_retried_webhook_changes_nothing_and_bad_signatures_are_refused() {
             .unwrap()
     };
     let memories_before = count_memories().await;
-    assert!(memories_before >= 5, "the rules extractor finds Maya's facts: {memories_before}");
+    assert!(
+        memories_before >= 5,
+        "the rules extractor finds Maya's facts: {memories_before}"
+    );
 
     // ElevenLabs retries the same webhook (same body, new signature time).
     assert_eq!(system.post_fixture(name).await.status(), 200);
@@ -310,13 +358,26 @@ async fn a_retried_webhook_changes_nothing_and_bad_signatures_are_refused() {
     // Signatures: wrong secret, stale timestamp, unknown organization.
     let body = fixture(name);
     let now = chrono::Utc::now().timestamp();
-    let wrong_secret = elaaoms_ingest::signature::sign("whsec_wrong_0123456789abcdef0123456789abcdef", now, &body);
-    assert_eq!(system.post_webhook(body.clone(), wrong_secret).await.status(), 401);
+    let wrong_secret =
+        elaaoms_ingest::signature::sign("whsec_wrong_0123456789abcdef0123456789abcdef", now, &body);
+    assert_eq!(
+        system
+            .post_webhook(body.clone(), wrong_secret)
+            .await
+            .status(),
+        401
+    );
     let stale = elaaoms_ingest::signature::sign(SECRET, now - 31 * 60, &body);
     assert_eq!(system.post_webhook(body.clone(), stale).await.status(), 401);
     let unknown_org = reqwest::Client::new()
-        .post(format!("{}/v1/webhooks/elevenlabs/no-such-org", system.ingest_url))
-        .header("elevenlabs-signature", elaaoms_ingest::signature::sign(SECRET, now, &body))
+        .post(format!(
+            "{}/v1/webhooks/elevenlabs/no-such-org",
+            system.ingest_url
+        ))
+        .header(
+            "elevenlabs-signature",
+            elaaoms_ingest::signature::sign(SECRET, now, &body),
+        )
         .body(body.clone())
         .send()
         .await
