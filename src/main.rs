@@ -1,7 +1,10 @@
 //! `elaaoms`: one binary for every service and the operator's tools. It
 //! only parses configuration, wires the crates together and runs them.
 
+mod backfill;
+mod bench;
 mod operator;
+mod replay;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -45,6 +48,12 @@ enum Command {
     Apikey(operator::ApiKeyArgs),
     /// Send a bundled fixture through the running system and search the result.
     Demo(operator::DemoArgs),
+    /// List or replay the dead-letter stream.
+    Replay(replay::ReplayArgs),
+    /// Ingest the conversations ElevenLabs has that we never received.
+    Backfill(backfill::BackfillArgs),
+    /// Measure throughput and latency against baselines (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -57,10 +66,10 @@ struct IndexerArgs {
 
 #[derive(clap::Args, Debug)]
 struct QueryArgs {
+    /// Includes the embedding model directory (its tokenizer counts the
+    /// context text's tokens).
     #[command(flatten)]
     query: elaaoms_query::Config,
-    #[command(flatten)]
-    embedding: EmbeddingConfig,
 }
 
 /// The shared sections once, then what each service adds.
@@ -115,7 +124,7 @@ async fn main() -> Result<()> {
             service.run(shutdown_signal()).await.context("indexer")
         }
         Command::Query(args) => {
-            let embedder = load_embedder(&args.embedding)?;
+            let embedder = load_embedder(&args.query.embedding)?;
             let service = elaaoms_query::QueryService::build(args.query, embedder)
                 .await
                 .context("starting the query service")?;
@@ -125,6 +134,9 @@ async fn main() -> Result<()> {
         Command::Org(args) => operator::org(args).await,
         Command::Apikey(args) => operator::apikey(args).await,
         Command::Demo(args) => operator::demo(args).await,
+        Command::Replay(args) => replay::replay(args).await,
+        Command::Backfill(args) => backfill::backfill(args).await,
+        Command::Bench(args) => bench::bench(args).await,
     }
 }
 
@@ -167,6 +179,9 @@ async fn run_all(args: RunArgs) -> Result<()> {
     let query = elaaoms_query::QueryService::build(
         elaaoms_query::Config {
             database: args.database.clone(),
+            bus: args.bus.clone(),
+            payloads: args.payloads.clone(),
+            embedding: args.embedding.clone(),
             settings: args.query,
         },
         embedder,

@@ -44,6 +44,32 @@ pub struct OrgArgs {
 enum OrgCommand {
     /// Create an organization; prints its first API key once.
     Create(OrgCreateArgs),
+    /// Issue (or rotate) the secret of the ElevenLabs agent endpoints (the
+    /// conversation-initiation webhook and the server tool's
+    /// `X-Elaaoms-Secret` header); printed once, only its hash is stored.
+    AgentSecret(OrgAgentSecretArgs),
+    /// Set the values the initiation webhook sends for the agent's own
+    /// dynamic variables (a JSON object of strings, numbers and booleans).
+    AgentDefaults(OrgAgentDefaultsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct OrgAgentSecretArgs {
+    #[command(flatten)]
+    admin: AdminDatabaseConfig,
+    #[arg(long)]
+    slug: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct OrgAgentDefaultsArgs {
+    #[command(flatten)]
+    admin: AdminDatabaseConfig,
+    #[arg(long)]
+    slug: String,
+    /// e.g. '{"business_name": "Crumb & Hearth", "loyalty_points": 0}'
+    #[arg(long)]
+    json: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -65,6 +91,42 @@ struct OrgCreateArgs {
 
 pub async fn org(args: OrgArgs) -> Result<()> {
     match args.command {
+        OrgCommand::AgentSecret(args) => {
+            let admin = db::connect_admin_pool(&args.admin.database_admin_url).await?;
+            let id = organization_id(&admin, &args.slug).await?;
+            let secret = elaaoms_query::generate_agent_secret();
+            sqlx::query("UPDATE organizations SET agent_secret_hash = $2 WHERE id = $1")
+                .bind(id)
+                .bind(elaaoms_query::hash_agent_secret(&secret))
+                .execute(&admin)
+                .await?;
+            println!("agent secret of {} (shown once; the previous one stops working):", args.slug);
+            println!("{secret}");
+            println!("send it as the `X-Elaaoms-Secret` header (docs/elevenlabs-setup.md)");
+            Ok(())
+        }
+        OrgCommand::AgentDefaults(args) => {
+            let defaults: serde_json::Value =
+                serde_json::from_str(&args.json).context("--json is not valid JSON")?;
+            let Some(object) = defaults.as_object() else {
+                bail!("--json must be a JSON object");
+            };
+            if let Some((name, _)) = object
+                .iter()
+                .find(|(_, value)| !(value.is_string() || value.is_number() || value.is_boolean()))
+            {
+                bail!("{name}: ElevenLabs accepts only strings, numbers and booleans");
+            }
+            let admin = db::connect_admin_pool(&args.admin.database_admin_url).await?;
+            let id = organization_id(&admin, &args.slug).await?;
+            sqlx::query("UPDATE organizations SET dynamic_variable_defaults = $2 WHERE id = $1")
+                .bind(id)
+                .bind(&defaults)
+                .execute(&admin)
+                .await?;
+            println!("dynamic-variable defaults of {} set ({} variables)", args.slug, object.len());
+            Ok(())
+        }
         OrgCommand::Create(args) => {
             let slug = OrganizationSlug::new(args.slug)?;
             if args.hmac_secret.expose_secret().len() < 32 {

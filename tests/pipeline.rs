@@ -69,6 +69,7 @@ impl RunningSystem {
                 signature_tolerance: Duration::from_secs(1800),
                 max_body_bytes: 64 << 20,
                 outbox_relay_interval: Duration::from_secs(1),
+                ..elaaoms_ingest::IngestSettings::default()
             },
         })
         .await
@@ -80,6 +81,7 @@ impl RunningSystem {
             payloads: payload_config.clone(),
             settings: elaaoms_extractor::ExtractorSettings {
                 health_addr: any_port(),
+                ..Default::default()
             },
         })
         .await
@@ -92,6 +94,8 @@ impl RunningSystem {
                 settings: elaaoms_indexer::IndexerSettings {
                     health_addr: any_port(),
                     dedup_similarity: 0.85,
+                    dedup_candidate_similarity: 0.6,
+                    dedup_conflict_similarity: 0.7,
                 },
             },
             embedder.clone(),
@@ -101,7 +105,20 @@ impl RunningSystem {
         let query = elaaoms_query::QueryService::build(
             elaaoms_query::Config {
                 database: database_config,
-                settings: elaaoms_query::QuerySettings { addr: any_port() },
+                bus: bus.config.clone(),
+                payloads: payload_config.clone(),
+                embedding: elaaoms_shared::config::EmbeddingConfig {
+                    embedding_model_dir: std::path::PathBuf::from(concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/data/models/all-MiniLM-L6-v2"
+                    )),
+                },
+                settings: elaaoms_query::QuerySettings {
+                    addr: any_port(),
+                    init_deadline: Duration::from_millis(300),
+                    caller_token_ttl: Duration::from_secs(3600),
+                    embedding_cache_entries: 1000,
+                },
             },
             embedder,
         )

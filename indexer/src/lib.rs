@@ -4,7 +4,8 @@
 //! `applied_extractions`: a redelivered extraction conflicts there and
 //! changes nothing. It publishes `memories.indexed` afterwards.
 
-mod apply;
+pub mod apply;
+pub mod dedup;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,11 +19,11 @@ use elaaoms_shared::embedder::Embedder;
 use elaaoms_shared::events::{MemoriesExtracted, MemoriesIndexed};
 use elaaoms_shared::telemetry;
 use elaaoms_shared::worker::Worker;
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use apply::Applied;
+pub use apply::{Applied, DedupSettings, Outcome};
 
 pub const SERVICE_NAME: &str = "indexer";
 
@@ -42,12 +43,53 @@ pub struct Config {
 #[derive(clap::Args, Debug, Clone)]
 pub struct IndexerSettings {
     /// Address of the indexer's /healthz, /readyz and /metrics.
-    #[arg(id = "indexer_health_addr", long = "indexer-health-addr", env = "INDEXER_HEALTH_ADDR", default_value = "127.0.0.1:9092")]
+    #[arg(
+        id = "indexer_health_addr",
+        long = "indexer-health-addr",
+        env = "INDEXER_HEALTH_ADDR",
+        default_value = "127.0.0.1:9092"
+    )]
     pub health_addr: SocketAddr,
     /// Cosine similarity from which a new memory of the same type reinforces
-    /// an existing one (the seed's 0.85).
-    #[arg(long, env = "DEDUP_SIMILARITY", default_value_t = 0.85)]
+    /// an existing one when the rules see no reason not to (the seed's 0.85).
+    #[arg(
+        id = "dedup_similarity",
+        long,
+        env = "DEDUP_SIMILARITY",
+        default_value_t = 0.85
+    )]
     pub dedup_similarity: f64,
+    /// Stage 1 of deduplication: existing memories at least this similar are
+    /// candidates for stage 2.
+    #[arg(
+        id = "dedup_candidate_similarity",
+        long,
+        env = "DEDUP_CANDIDATE_SIMILARITY",
+        default_value_t = 0.6
+    )]
+    pub dedup_candidate_similarity: f64,
+    /// A same-subject pair with another value (negation, number, time,
+    /// place, ...) is a conflict from this similarity on; below, another fact.
+    #[arg(
+        id = "dedup_conflict_similarity",
+        long,
+        env = "DEDUP_CONFLICT_SIMILARITY",
+        default_value_t = 0.7
+    )]
+    pub dedup_conflict_similarity: f64,
+}
+
+impl IndexerSettings {
+    pub fn dedup(&self) -> DedupSettings {
+        DedupSettings {
+            candidate_similarity: self.dedup_candidate_similarity,
+            rules: dedup::RulesThresholds {
+                duplicate: self.dedup_similarity,
+                conflict: self.dedup_conflict_similarity,
+            },
+            ..DedupSettings::default()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +109,11 @@ pub struct IndexerService {
 impl IndexerService {
     /// The embedder is passed in so one process can share the model.
     pub async fn build(config: Config, embedder: Embedder) -> Result<Self, IndexerError> {
-        let pool = db::connect_service_pool(&config.database.database_url, config.database.database_max_connections).await?;
+        let pool = db::connect_service_pool(
+            &config.database.database_url,
+            config.database.database_max_connections,
+        )
+        .await?;
         let bus = Bus::connect(&config.bus).await?;
         bus.ensure_streams().await?;
         let registry = Registry::new();
@@ -75,21 +121,18 @@ impl IndexerService {
             pool: pool.clone(),
             bus: bus.clone(),
             embedder,
-            dedup_similarity: config.settings.dedup_similarity,
-            memories: telemetry::register(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new("elaaoms_indexer_memories_total", "Memories applied, by effect"),
-                    &["effect"],
-                )
-                .expect("valid metric"),
-            ),
+            dedup: config.settings.dedup(),
+            metrics: Metrics::register(&registry),
         });
         let health_listener = elaaoms_shared::http::bind(config.settings.health_addr).await?;
         Ok(Self {
             worker: Worker {
                 name: SERVICE_NAME,
-                settings: ConsumerSettings::from_config(SERVICE_NAME, Step::Extracted, &config.worker),
+                settings: ConsumerSettings::from_config(
+                    SERVICE_NAME,
+                    Step::Extracted,
+                    &config.worker,
+                ),
                 bus,
                 pool,
                 handler,
@@ -112,8 +155,76 @@ struct IndexHandler {
     pool: PgPool,
     bus: Bus,
     embedder: Embedder,
-    dedup_similarity: f64,
+    dedup: DedupSettings,
+    metrics: Metrics,
+}
+
+struct Metrics {
+    /// created | reinforced | conflicted | resolved | replaced (replay).
     memories: IntCounterVec,
+    /// The best stage-1 candidate's similarity, per memory that had one.
+    dedup_similarity: Histogram,
+    /// Seconds to embed one extraction's memories.
+    embedding_seconds: Histogram,
+}
+
+impl Metrics {
+    fn register(registry: &Registry) -> Self {
+        Self {
+            memories: telemetry::register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "elaaoms_indexer_memories_total",
+                        "Memories applied, by effect",
+                    ),
+                    &["effect"],
+                )
+                .expect("valid metric"),
+            ),
+            dedup_similarity: telemetry::register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "elaaoms_indexer_dedup_similarity",
+                        "Similarity of each new memory's best deduplication candidate",
+                    )
+                    .buckets(vec![0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]),
+                )
+                .expect("valid metric"),
+            ),
+            embedding_seconds: telemetry::register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "elaaoms_indexer_embedding_seconds",
+                        "Time to embed one extraction's memories",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+        }
+    }
+
+    fn record(&self, outcome: &Outcome) {
+        for (effect, count) in [
+            ("created", outcome.created),
+            ("reinforced", outcome.reinforced),
+            ("conflicted", outcome.conflicted),
+            ("resolved", outcome.resolved),
+            ("replaced", outcome.replaced_memories),
+        ] {
+            self.memories
+                .with_label_values(&[effect])
+                .inc_by(u64::from(count));
+        }
+        for similarity in &outcome.best_similarities {
+            self.dedup_similarity.observe(*similarity);
+        }
+    }
 }
 
 impl Handler for IndexHandler {
@@ -126,22 +237,32 @@ impl Handler for IndexHandler {
             .iter()
             .map(|memory| memory.content.as_str().to_owned())
             .collect();
-        let embeddings = self.embedder.embed(texts).await.map_err(|err| HandlerError::transient(&err))?;
+        let timer = self.metrics.embedding_seconds.start_timer();
+        let embeddings = self
+            .embedder
+            .embed(texts)
+            .await
+            .map_err(|err| HandlerError::transient(&err))?;
+        timer.observe_duration();
         let applied = apply::apply_extraction(
             &self.pool,
             &event,
             &embeddings,
             self.embedder.model_name(),
-            self.dedup_similarity,
+            &self.dedup,
         )
         .await
         .map_err(|err| HandlerError::transient(&err))?;
-        tracing::info!(conversation_id = event.payload.conversation_id, ?applied, "indexed");
-        let Applied::Done { created, reinforced } = applied else {
+        tracing::info!(
+            conversation_id = event.payload.conversation_id,
+            ?applied,
+            "indexed"
+        );
+        let Applied::Done(outcome) = applied else {
             return Ok(());
         };
-        self.memories.with_label_values(&["created"]).inc_by(u64::from(created));
-        self.memories.with_label_values(&["reinforced"]).inc_by(u64::from(reinforced));
+        self.metrics.record(&outcome);
+        let (created, reinforced) = (outcome.created, outcome.reinforced);
         let indexed = Envelope::new(
             event.organization_id,
             event.generation,
@@ -152,10 +273,22 @@ impl Handler for IndexHandler {
                 reinforced,
             },
         );
-        let body = indexed.encode().map_err(|err| HandlerError::permanent(&err))?;
-        let msg_id = event_msg_id(event.organization_id, &event.payload.conversation_id, Step::Indexed, event.generation);
+        let body = indexed
+            .encode()
+            .map_err(|err| HandlerError::permanent(&err))?;
+        let msg_id = event_msg_id(
+            event.organization_id,
+            &event.payload.conversation_id,
+            Step::Indexed,
+            event.generation,
+        );
         self.bus
-            .publish(&self.bus.names.subject(Step::Indexed), &msg_id, event.organization_id, Bytes::from(body))
+            .publish(
+                &self.bus.names.subject(Step::Indexed),
+                &msg_id,
+                event.organization_id,
+                Bytes::from(body),
+            )
             .await
             .map_err(|err| HandlerError::transient(&err))?;
         Ok(())

@@ -1,12 +1,14 @@
 //! Publishing outbox rows: right after the webhook's commit, and by a relay
 //! for whatever that could not publish (JetStream down, a crash between
-//! commit and publish). The message id makes a double publish harmless.
+//! commit and publish). The message id makes a double publish harmless, so
+//! an unpublished row is always (re)published, never skipped.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use elaaoms_shared::bus::{Bus, BusError};
 use elaaoms_shared::db;
+use prometheus::Histogram;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -22,14 +24,28 @@ pub enum OutboxError {
 }
 
 /// Publishes one row, awaiting the PubAck, then marks it published.
-pub async fn publish_one(pool: &PgPool, bus: &Bus, organization_id: Uuid, row: &OutboxRow) -> Result<(), OutboxError> {
+/// `latency` observes the publish (successful ones only).
+pub async fn publish_one(
+    pool: &PgPool,
+    bus: &Bus,
+    organization_id: Uuid,
+    row: &OutboxRow,
+    latency: &Histogram,
+) -> Result<u64, OutboxError> {
+    let started = Instant::now();
     let sequence = bus
-        .publish(&row.subject, &row.msg_id, organization_id, Bytes::from(row.body.clone()))
+        .publish(
+            &row.subject,
+            &row.msg_id,
+            organization_id,
+            Bytes::from(row.body.clone()),
+        )
         .await?;
+    latency.observe(started.elapsed().as_secs_f64());
     let mut tx = db::begin_org_tx(pool, organization_id).await?;
     mark_published(&mut tx, organization_id, row.id, sequence).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(sequence)
 }
 
 async fn mark_published(
@@ -50,20 +66,34 @@ async fn mark_published(
     Ok(())
 }
 
-/// Rows younger than this are left to the request that wrote them.
-const RELAY_GRACE: Duration = Duration::from_secs(10);
+/// How the relay works; see `IngestSettings` for the defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct RelaySettings {
+    /// Time between passes.
+    pub interval: Duration,
+    /// Rows younger than this are left to the request that wrote them (a
+    /// double publish would be harmless, only wasted).
+    pub grace: Duration,
+}
+
 const RELAY_BATCH: i64 = 100;
 
 /// Until `shutdown`: every `interval`, publish what is still unpublished.
 /// Rows are claimed with `FOR UPDATE SKIP LOCKED`, so several ingest
 /// replicas relay side by side without publishing a row twice at once.
-pub async fn run_relay(pool: PgPool, bus: Bus, interval: Duration, shutdown: CancellationToken) {
+pub async fn run_relay(
+    pool: PgPool,
+    bus: Bus,
+    settings: RelaySettings,
+    latency: Histogram,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(settings.interval) => {}
         }
-        match relay_pending(&pool, &bus).await {
+        match relay_pending(&pool, &bus, settings.grace, &latency).await {
             Ok(0) => {}
             Ok(published) => tracing::info!(published, "outbox relay published pending events"),
             Err(err) => tracing::warn!(error = %err, "outbox relay pass failed; retrying"),
@@ -71,11 +101,17 @@ pub async fn run_relay(pool: PgPool, bus: Bus, interval: Duration, shutdown: Can
     }
 }
 
-/// One relay pass; returns how many rows it published.
-pub async fn relay_pending(pool: &PgPool, bus: &Bus) -> Result<usize, OutboxError> {
+/// One relay pass over rows older than `grace`; returns how many rows it
+/// published. A failed publish ends the pass, keeping what it marked.
+pub async fn relay_pending(
+    pool: &PgPool,
+    bus: &Bus,
+    grace: Duration,
+    latency: &Histogram,
+) -> Result<usize, OutboxError> {
     let organizations: Vec<Uuid> =
         sqlx::query_scalar("SELECT organization_id FROM outbox_pending_organizations($1)")
-            .bind(RELAY_GRACE)
+            .bind(grace)
             .fetch_all(pool)
             .await?;
     let mut published = 0;
@@ -83,21 +119,42 @@ pub async fn relay_pending(pool: &PgPool, bus: &Bus) -> Result<usize, OutboxErro
         let mut tx = db::begin_org_tx(pool, organization_id).await?;
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, subject, msg_id, body FROM outbox
-              WHERE organization_id = $1 AND published_at IS NULL
+              WHERE organization_id = $1 AND published_at IS NULL AND created_at < now() - $3::interval
               ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
         .bind(organization_id)
         .bind(RELAY_BATCH)
+        .bind(grace)
         .fetch_all(&mut *tx)
         .await?;
+        let mut failure = None;
         for row in rows {
-            let sequence = bus
-                .publish(&row.subject, &row.msg_id, organization_id, Bytes::from(row.body))
-                .await?;
-            mark_published(&mut tx, organization_id, row.id, sequence).await?;
-            published += 1;
+            let started = Instant::now();
+            match bus
+                .publish(
+                    &row.subject,
+                    &row.msg_id,
+                    organization_id,
+                    Bytes::from(row.body),
+                )
+                .await
+            {
+                Ok(sequence) => {
+                    latency.observe(started.elapsed().as_secs_f64());
+                    mark_published(&mut tx, organization_id, row.id, sequence).await?;
+                    published += 1;
+                }
+                Err(err) => {
+                    failure = Some(err);
+                    break;
+                }
+            }
         }
+        // Keep the marks of what did get published before a failure.
         tx.commit().await?;
+        if let Some(err) = failure {
+            return Err(err.into());
+        }
     }
     Ok(published)
 }

@@ -39,17 +39,28 @@ impl SignatureHeader {
         let mut timestamp = None;
         let mut signatures = Vec::new();
         for part in header.split(',') {
-            let (key, value) = part.trim().split_once('=').ok_or(SignatureError::Malformed)?;
+            let (key, value) = part
+                .trim()
+                .split_once('=')
+                .ok_or(SignatureError::Malformed)?;
             match key {
                 "t" => {
-                    if timestamp.is_some() || value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                    if timestamp.is_some()
+                        || value.is_empty()
+                        || !value.bytes().all(|b| b.is_ascii_digit())
+                    {
                         return Err(SignatureError::Malformed);
                     }
-                    timestamp = Some(value.parse::<i64>().map_err(|_| SignatureError::Malformed)?);
+                    timestamp = Some(
+                        value
+                            .parse::<i64>()
+                            .map_err(|_| SignatureError::Malformed)?,
+                    );
                 }
                 "v0" => {
                     let mut signature = [0_u8; 32];
-                    hex::decode_to_slice(value, &mut signature).map_err(|_| SignatureError::Malformed)?;
+                    hex::decode_to_slice(value, &mut signature)
+                        .map_err(|_| SignatureError::Malformed)?;
                     signatures.push(signature);
                 }
                 key if key.starts_with('v') && key.len() > 1 => {}
@@ -57,7 +68,10 @@ impl SignatureHeader {
             }
         }
         match timestamp {
-            Some(timestamp) if !signatures.is_empty() => Ok(Self { timestamp, signatures }),
+            Some(timestamp) if !signatures.is_empty() => Ok(Self {
+                timestamp,
+                signatures,
+            }),
             _ => Err(SignatureError::Malformed),
         }
     }
@@ -85,7 +99,9 @@ pub fn verify_signature(
         for signature in &header.signatures {
             // Every combination is checked, so timing does not reveal which
             // secret or which position matched.
-            matched |= mac_for(secret, header.timestamp, body).verify_slice(signature).is_ok();
+            matched |= mac_for(secret, header.timestamp, body)
+                .verify_slice(signature)
+                .is_ok();
         }
     }
     if !matched {
@@ -102,7 +118,8 @@ pub fn verify_signature(
 }
 
 fn mac_for(secret: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
@@ -121,11 +138,18 @@ mod tests {
     use super::*;
 
     const SDK_BODY: &[u8] = br#"{"event_type": "speech.completed", "id": "123456"}"#;
-    const SDK_HEADER: &str = "t=1600000000,v0=f8a0d1dc33ee963cb54d2f31514555995e93313c9d2042c030adbb82b87fae13";
+    const SDK_HEADER: &str =
+        "t=1600000000,v0=f8a0d1dc33ee963cb54d2f31514555995e93313c9d2042c030adbb82b87fae13";
 
     #[test]
     fn the_official_sdk_vector_verifies() {
-        let verified = verify_signature(Some(SDK_HEADER), SDK_BODY, &["test_secret"], 1_600_000_010, DEFAULT_TOLERANCE_SECS);
+        let verified = verify_signature(
+            Some(SDK_HEADER),
+            SDK_BODY,
+            &["test_secret"],
+            1_600_000_010,
+            DEFAULT_TOLERANCE_SECS,
+        );
         assert_eq!(verified, Ok(VerifiedSignature { age_secs: 10 }));
         assert_eq!(sign("test_secret", 1_600_000_000, SDK_BODY), SDK_HEADER);
     }
@@ -134,16 +158,34 @@ mod tests {
     fn a_changed_body_secret_or_timestamp_fails() {
         let now = 1_600_000_000;
         assert_eq!(
-            verify_signature(Some(SDK_HEADER), b"{}", &["test_secret"], now, DEFAULT_TOLERANCE_SECS),
+            verify_signature(
+                Some(SDK_HEADER),
+                b"{}",
+                &["test_secret"],
+                now,
+                DEFAULT_TOLERANCE_SECS
+            ),
             Err(SignatureError::Mismatch)
         );
         assert_eq!(
-            verify_signature(Some(SDK_HEADER), SDK_BODY, &["other_secret"], now, DEFAULT_TOLERANCE_SECS),
+            verify_signature(
+                Some(SDK_HEADER),
+                SDK_BODY,
+                &["other_secret"],
+                now,
+                DEFAULT_TOLERANCE_SECS
+            ),
             Err(SignatureError::Mismatch)
         );
         let moved = SDK_HEADER.replace("t=1600000000", "t=1600000001");
         assert_eq!(
-            verify_signature(Some(&moved), SDK_BODY, &["test_secret"], now, DEFAULT_TOLERANCE_SECS),
+            verify_signature(
+                Some(&moved),
+                SDK_BODY,
+                &["test_secret"],
+                now,
+                DEFAULT_TOLERANCE_SECS
+            ),
             Err(SignatureError::Mismatch)
         );
     }
@@ -151,11 +193,25 @@ mod tests {
     #[test]
     fn old_and_future_timestamps_are_refused() {
         let t = 1_600_000_000;
-        let verify = |now| verify_signature(Some(SDK_HEADER), SDK_BODY, &["test_secret"], now, DEFAULT_TOLERANCE_SECS);
+        let verify = |now| {
+            verify_signature(
+                Some(SDK_HEADER),
+                SDK_BODY,
+                &["test_secret"],
+                now,
+                DEFAULT_TOLERANCE_SECS,
+            )
+        };
         assert!(verify(t + DEFAULT_TOLERANCE_SECS).is_ok());
-        assert_eq!(verify(t + DEFAULT_TOLERANCE_SECS + 1), Err(SignatureError::Expired));
+        assert_eq!(
+            verify(t + DEFAULT_TOLERANCE_SECS + 1),
+            Err(SignatureError::Expired)
+        );
         assert!(verify(t - MAX_FUTURE_SECS).is_ok());
-        assert_eq!(verify(t - MAX_FUTURE_SECS - 1), Err(SignatureError::FromTheFuture));
+        assert_eq!(
+            verify(t - MAX_FUTURE_SECS - 1),
+            Err(SignatureError::FromTheFuture)
+        );
     }
 
     #[test]
@@ -164,8 +220,14 @@ mod tests {
         let with_new = sign("new_secret_0123456789abcdef0123456789", t, b"body");
         let old_v0 = sign("old_secret", t, b"body");
         let both = format!("{with_new},{}", old_v0.split_once(',').unwrap().1);
-        for secrets in [&["old_secret"][..], &["new_secret_0123456789abcdef0123456789"], &["x", "old_secret"]] {
-            assert!(verify_signature(Some(&both), b"body", secrets, t, DEFAULT_TOLERANCE_SECS).is_ok());
+        for secrets in [
+            &["old_secret"][..],
+            &["new_secret_0123456789abcdef0123456789"],
+            &["x", "old_secret"],
+        ] {
+            assert!(
+                verify_signature(Some(&both), b"body", secrets, t, DEFAULT_TOLERANCE_SECS).is_ok()
+            );
         }
     }
 
@@ -185,7 +247,13 @@ mod tests {
             &format!("t=1600000000,x=1,v0={sig}"),
         ] {
             assert_eq!(
-                verify_signature(Some(header), SDK_BODY, &["s"], 1_600_000_000, DEFAULT_TOLERANCE_SECS),
+                verify_signature(
+                    Some(header),
+                    SDK_BODY,
+                    &["s"],
+                    1_600_000_000,
+                    DEFAULT_TOLERANCE_SECS
+                ),
                 Err(SignatureError::Malformed),
                 "{header:?}"
             );
@@ -194,5 +262,61 @@ mod tests {
             verify_signature(None, SDK_BODY, &["s"], 0, DEFAULT_TOLERANCE_SECS),
             Err(SignatureError::Missing)
         );
+    }
+
+    /// A fuzz-like loop: random and mutated headers never panic, and
+    /// whatever parses re-serialises to something that parses the same.
+    #[test]
+    fn random_and_mutated_headers_never_panic() {
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"tv0=,1234567890abcdefABCDEF -\xc3\xa9x";
+        for round in 0..5_000 {
+            let mut header: Vec<u8> = if round % 2 == 0 {
+                SDK_HEADER.as_bytes().to_vec()
+            } else {
+                (0..(next() % 150))
+                    .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                    .collect()
+            };
+            for _ in 0..(next() % 6) {
+                if header.is_empty() {
+                    break;
+                }
+                let at = (next() % header.len() as u64) as usize;
+                match next() % 3 {
+                    0 => header[at] = alphabet[(next() % alphabet.len() as u64) as usize],
+                    1 => header.truncate(at),
+                    _ => header.insert(at, b','),
+                }
+            }
+            let Ok(text) = std::str::from_utf8(&header) else {
+                continue;
+            };
+            if let Ok(parsed) = SignatureHeader::parse(text) {
+                let rebuilt = std::iter::once(format!("t={}", parsed.timestamp))
+                    .chain(
+                        parsed
+                            .signatures
+                            .iter()
+                            .map(|s| format!("v0={}", hex::encode(s))),
+                    )
+                    .collect::<Vec<_>>()
+                    .join(",");
+                assert_eq!(SignatureHeader::parse(&rebuilt), Ok(parsed), "{text:?}");
+            }
+            let _ = verify_signature(
+                Some(text),
+                SDK_BODY,
+                &["test_secret"],
+                1_600_000_000,
+                DEFAULT_TOLERANCE_SECS,
+            );
+        }
     }
 }

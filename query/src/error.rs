@@ -20,6 +20,17 @@ pub enum QueryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("query service: {context}: {source}")]
+    Bus {
+        context: &'static str,
+        #[source]
+        source: elaaoms_shared::bus::BusError,
+    },
+    #[error("query service: cannot load the context tokenizer {path}: {reason}")]
+    Tokenizer {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("query service: serving HTTP failed: {0}")]
     Serve(#[source] std::io::Error),
 }

@@ -3,6 +3,13 @@
 //! * `POST /v1/search`: semantic search over one caller's memories (the
 //!   seed's Memory Search Query), ranked by cosine similarity;
 //! * `GET /v1/callers/{caller_id}/memories`: a caller's memories, newest first;
+//! * `GET /v1/callers/{caller_id}/context`: the pre-call context (summary,
+//!   open issues, recent memories and a ready-to-inject text);
+//! * `GET|DELETE /v1/memories/{id}`, `GET /v1/conversations/{id}`,
+//!   `DELETE /v1/callers/{caller_id}` (erasure);
+//! * the ElevenLabs agent endpoints `POST /v1/elevenlabs/conversation-init/{org}`
+//!   and `POST /v1/elevenlabs/tools/search/{org}` (authenticated by the
+//!   organization's agent secret header instead of an API key);
 //! * `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Every tenant route authenticates an organization API key
@@ -10,19 +17,32 @@
 //! [`db::begin_org_tx`], so row-level security backs up each query's own
 //! `organization_id` filter.
 
+mod agent_auth;
 mod auth;
+mod context;
+mod elevenlabs;
+mod embedding_cache;
+mod erasure;
 mod error;
+mod manage;
 mod memories;
 mod memory;
 mod metrics;
 mod search;
+mod tool;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use elaaoms_shared::config::DatabaseConfig;
+use elaaoms_shared::bus::Bus;
+use elaaoms_shared::config::{
+    parse_duration, BusConfig, DatabaseConfig, EmbeddingConfig, PayloadStoreConfig,
+};
 use elaaoms_shared::db;
 use elaaoms_shared::embedder::Embedder;
 use elaaoms_shared::telemetry::{health_router, Health};
@@ -30,9 +50,13 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use agent_auth::{generate_agent_secret, hash_agent_secret, AGENT_SECRET_HEADER};
+pub use context::{ContextTokenizer, CONTEXT_MAX_TOKENS};
+pub use elevenlabs::DOCUMENTED_VARIABLES;
 pub use error::QueryError;
 pub use memories::{list_sql, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT};
 pub use search::search_sql;
+pub use tool::CALLER_TOKEN_HEADER;
 
 /// The name the service reports in `/healthz` and its logs.
 pub const SERVICE_NAME: &str = "query";
@@ -45,6 +69,15 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct Config {
     #[command(flatten)]
     pub database: DatabaseConfig,
+    /// Erasure deletes the caller's messages from both streams.
+    #[command(flatten)]
+    pub bus: BusConfig,
+    /// Erasure deletes the caller's payload directories.
+    #[command(flatten)]
+    pub payloads: PayloadStoreConfig,
+    /// The context text is counted with the model's `tokenizer.json`.
+    #[command(flatten)]
+    pub embedding: EmbeddingConfig,
     #[command(flatten)]
     pub settings: QuerySettings,
 }
@@ -61,14 +94,51 @@ pub struct QuerySettings {
         default_value = "127.0.0.1:8081"
     )]
     pub addr: SocketAddr,
+
+    /// hard deadline of the ElevenLabs conversation-initiation webhook: past
+    /// it, the webhook answers 200 with the default variables
+    #[arg(
+        id = "query_init_deadline",
+        long = "elevenlabs-init-deadline",
+        env = "ELEVENLABS_INIT_DEADLINE",
+        default_value = "300ms",
+        value_parser = parse_duration
+    )]
+    pub init_deadline: Duration,
+
+    /// how long a caller token issued by the initiation webhook binds the
+    /// server tool to that call's caller
+    #[arg(
+        id = "query_caller_token_ttl",
+        long = "caller-token-ttl",
+        env = "CALLER_TOKEN_TTL",
+        default_value = "6h",
+        value_parser = parse_duration
+    )]
+    pub caller_token_ttl: Duration,
+
+    /// query embeddings kept in the in-process LRU cache (0 disables it)
+    #[arg(
+        id = "query_embedding_cache_entries",
+        long = "query-embedding-cache-entries",
+        env = "QUERY_EMBEDDING_CACHE_ENTRIES",
+        default_value_t = 1000
+    )]
+    pub embedding_cache_entries: usize,
 }
 
 /// What every handler shares: cheap to clone.
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub pool: PgPool,
-    pub embedder: Embedder,
+    pub embeddings: embedding_cache::EmbeddingCache,
     pub metrics: metrics::Metrics,
+    pub bus: Bus,
+    pub payload_dir: PathBuf,
+    pub tokenizer: Arc<ContextTokenizer>,
+    pub agent_auth: agent_auth::AgentAuthCache,
+    pub init_deadline: Duration,
+    pub caller_token_ttl: Duration,
 }
 
 /// A bound, connected query service, ready to [`run`](QueryService::run).
@@ -92,6 +162,14 @@ impl QueryService {
             context: "connecting to Postgres",
             source,
         })?;
+        let model_dir = &config.embedding.embedding_model_dir;
+        let tokenizer = ContextTokenizer::load(model_dir)?;
+        let bus = Bus::connect(&config.bus)
+            .await
+            .map_err(|source| QueryError::Bus {
+                context: "connecting to NATS",
+                source,
+            })?;
         let listener = elaaoms_shared::http::bind(config.settings.addr)
             .await
             .map_err(|source| QueryError::Bind {
@@ -106,13 +184,24 @@ impl QueryService {
         let registry = prometheus::Registry::new();
         let state = AppState {
             pool: pool.clone(),
-            embedder,
+            embeddings: embedding_cache::EmbeddingCache::new(
+                embedder,
+                config.settings.embedding_cache_entries,
+            ),
             metrics: metrics::Metrics::register(&registry),
+            bus,
+            payload_dir: config.payloads.payload_dir.clone(),
+            tokenizer: Arc::new(tokenizer),
+            agent_auth: agent_auth::AgentAuthCache::default(),
+            init_deadline: config.settings.init_deadline,
+            caller_token_ttl: config.settings.caller_token_ttl,
         };
         let health = Health {
             service: SERVICE_NAME,
             registry,
             database: Some(pool.clone()),
+            // Only erasure needs NATS: search, context and the ElevenLabs
+            // endpoints must stay in service while it is down.
             bus: None,
         };
         let router = router(state, health);
@@ -146,6 +235,24 @@ fn router(state: AppState, health: Health) -> Router {
     let api = Router::new()
         .route("/v1/search", post(search::search))
         .route("/v1/callers/{caller_id}/memories", get(memories::list))
+        .route("/v1/callers/{caller_id}/context", get(context::context))
+        .route(
+            "/v1/callers/{caller_id}",
+            axum::routing::delete(erasure::erase_caller),
+        )
+        .route(
+            "/v1/memories/{memory_id}",
+            get(manage::get_memory).delete(manage::delete_memory),
+        )
+        .route(
+            "/v1/conversations/{conversation_id}",
+            get(manage::get_conversation),
+        )
+        .route(
+            "/v1/elevenlabs/conversation-init/{org}",
+            post(elevenlabs::conversation_init),
+        )
+        .route("/v1/elevenlabs/tools/search/{org}", post(tool::search_tool))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state.clone());
     api.merge(health_router(health))

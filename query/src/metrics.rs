@@ -21,6 +21,7 @@ pub(crate) struct Metrics {
     requests: IntCounterVec,
     latency: HistogramVec,
     search_stage: HistogramVec,
+    init: HistogramVec,
 }
 
 impl Metrics {
@@ -51,11 +52,28 @@ impl Metrics {
             &["stage"],
         )
         .expect("valid metric");
+        let init = HistogramVec::new(
+            HistogramOpts::new(
+                "elaaoms_query_conversation_init_seconds",
+                "Time to answer the ElevenLabs conversation-initiation webhook, by result \
+                 (ok, timeout, error, unauthorized); timeout and error answered the defaults",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["result"],
+        )
+        .expect("valid metric");
         Self {
+            init: register(registry, init),
             requests: register(registry, requests),
             latency: register(registry, latency),
             search_stage: register(registry, search_stage),
         }
+    }
+
+    pub fn observe_init(&self, result: &str, elapsed: Duration) {
+        self.init
+            .with_label_values(&[result])
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn observe_stage(&self, stage: &str, elapsed: Duration) {

@@ -96,9 +96,9 @@ pub(crate) async fn search(
     SearchBody(request): SearchBody,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let started = Instant::now();
-    let embedding = state
-        .embedder
-        .embed_one(request.query_text.as_str())
+    let (embedding, _cached) = state
+        .embeddings
+        .embed(request.query_text.as_str())
         .await
         .map_err(|err| ApiError::internal("embedding a search query", &err))?;
     state.metrics.observe_stage("embed", started.elapsed());
@@ -114,7 +114,7 @@ pub(crate) async fn search(
     let mut results: Vec<SearchResult> = sqlx::query_as(search_sql())
         .bind(organization.id)
         .bind(request.caller_id.as_str())
-        .bind(pgvector::Vector::from(embedding))
+        .bind(pgvector::Vector::from(embedding.as_ref().clone()))
         .bind(request.viewing_agent().map(AgentId::as_str))
         .bind(types)
         .bind(request.min_importance.map(i16::from))

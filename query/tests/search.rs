@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use elaaoms_query::{search_sql, Config, QueryService, QuerySettings};
 use elaaoms_shared::api_keys::{display_prefix, generate_api_key, hash_api_key};
-use elaaoms_shared::config::DatabaseConfig;
+use elaaoms_shared::config::{BusConfig, DatabaseConfig, EmbeddingConfig, PayloadStoreConfig};
 use elaaoms_shared::db::begin_org_tx;
 use elaaoms_shared::embedder::Embedder;
 use elaaoms_shared::test_support::TestDatabase;
@@ -42,15 +42,7 @@ impl Harness {
             .await
             .unwrap()
             .expect("load the embedding model (deploy/local/setup.sh installs it)");
-        let config = Config {
-            database: DatabaseConfig {
-                database_url: db.service_url.clone(),
-                database_max_connections: 4,
-            },
-            settings: QuerySettings {
-                addr: "127.0.0.1:0".parse().unwrap(),
-            },
-        };
+        let config = config(db.service_url.clone(), 4, "127.0.0.1:0".parse().unwrap());
         let service = QueryService::build(config, embedder.clone())
             .await
             .expect("build the query service");
@@ -184,6 +176,35 @@ impl Harness {
             .get(format!("{}/v1/callers/{caller}/memories{query}", self.base))
             .bearer_auth(&org.key);
         respond(request).await
+    }
+}
+
+/// The service's configuration for these tests: search never touches the
+/// bus or the payload store, so they point at unused names.
+fn config(database_url: secrecy::SecretString, max_connections: u32, addr: SocketAddr) -> Config {
+    Config {
+        database: DatabaseConfig {
+            database_url,
+            database_max_connections: max_connections,
+        },
+        bus: BusConfig {
+            nats_url: std::env::var("NATS_URL")
+                .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
+            bus_namespace: "query_search_tests".to_owned(),
+            stream_max_bytes: 1 << 20,
+        },
+        payloads: PayloadStoreConfig {
+            payload_dir: std::env::temp_dir().join("elaaoms-query-search-tests-unused"),
+        },
+        embedding: EmbeddingConfig {
+            embedding_model_dir: MODEL_DIR.into(),
+        },
+        settings: QuerySettings {
+            addr,
+            init_deadline: Duration::from_millis(300),
+            caller_token_ttl: Duration::from_secs(3600),
+            embedding_cache_entries: 1000,
+        },
     }
 }
 
@@ -987,17 +1008,13 @@ async fn build_fails_fast_with_a_clear_message() {
         .await
         .unwrap()
         .unwrap();
-    let unreachable = Config {
-        database: DatabaseConfig {
-            database_url: "postgres://nobody:secret-password@127.0.0.1:1/elaaoms"
-                .to_owned()
-                .into(),
-            database_max_connections: 1,
-        },
-        settings: QuerySettings {
-            addr: "127.0.0.1:0".parse().unwrap(),
-        },
-    };
+    let unreachable = config(
+        "postgres://nobody:secret-password@127.0.0.1:1/elaaoms"
+            .to_owned()
+            .into(),
+        1,
+        "127.0.0.1:0".parse().unwrap(),
+    );
     let err = QueryService::build(unreachable, embedder.clone())
         .await
         .err()
@@ -1008,15 +1025,7 @@ async fn build_fails_fast_with_a_clear_message() {
 
     let db = TestDatabase::create().await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let busy = Config {
-        database: DatabaseConfig {
-            database_url: db.service_url.clone(),
-            database_max_connections: 1,
-        },
-        settings: QuerySettings {
-            addr: taken.local_addr().unwrap(),
-        },
-    };
+    let busy = config(db.service_url.clone(), 1, taken.local_addr().unwrap());
     let err = QueryService::build(busy, embedder)
         .await
         .err()

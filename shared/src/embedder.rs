@@ -6,11 +6,19 @@
 //!
 //! [`LocalEmbedder`] is the synchronous model: load it once and share it.
 //! [`Embedder`] is the cheap-to-clone handle that async services use: it runs
-//! the arithmetic on tokio's blocking pool so the runtime never stalls.
+//! the arithmetic on tokio's blocking pool so the runtime never stalls, and
+//! at most one forward pass per core at a time so bursts do not
+//! oversubscribe the CPU. It can also call OpenAI's embeddings API
+//! (`text-embedding-3-small` cut to 384 dimensions), chosen by
+//! [`EmbeddingProviderConfig`] (`EMBEDDING_PROVIDER=local|openai`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Semaphore;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -94,6 +102,41 @@ pub enum EmbedderError {
     /// The blocking task that ran a batch panicked or was cancelled.
     #[error("embedding task did not complete: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The embeddings API could not be reached or did not answer in time.
+    #[error("embeddings API request failed: {0}")]
+    Transport(#[source] reqwest::Error),
+    /// The embeddings API answered with an error status (the body is not
+    /// kept: it may echo the input).
+    #[error("embeddings API answered HTTP {status}")]
+    Status {
+        status: u16,
+        #[doc(hidden)]
+        retry_after: Option<Duration>,
+    },
+    /// The embeddings API answered something that is not the expected vectors.
+    #[error("embeddings API answered an unexpected body: {0}")]
+    InvalidResponse(String),
+    /// The configuration cannot make an embedder.
+    #[error("embedding configuration: {0}")]
+    Configuration(String),
+}
+
+impl EmbedderError {
+    /// Worth trying again: the network, a timeout, 429 or a 5xx.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EmbedderError::Transport(_) => true,
+            EmbedderError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            EmbedderError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 /// CPU all-MiniLM-L6-v2 on candle. Load once, share.
@@ -243,19 +286,202 @@ impl LocalEmbedder {
     }
 }
 
-/// Cheap to clone handle used by async services: runs batches on tokio's
-/// blocking pool so the runtime never stalls; splits large inputs into batches
-/// of at most 32 texts.
+/// Which embedding provider, and its settings (`EMBEDDING_PROVIDER`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmbeddingProvider {
+    /// all-MiniLM-L6-v2 on this machine's CPU (the default; no network).
+    #[default]
+    Local,
+    /// OpenAI's embeddings API with `dimensions: 384`.
+    Openai,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EmbeddingProviderConfig {
+    #[arg(id = "embedding_provider", long, env = "EMBEDDING_PROVIDER", value_enum, default_value_t = EmbeddingProvider::Local)]
+    pub embedding_provider: EmbeddingProvider,
+    /// Base URL of the OpenAI (or compatible) API.
+    #[arg(id = "embedding_openai_base_url", long, env = "EMBEDDING_OPENAI_BASE_URL", default_value = "https://api.openai.com/v1")]
+    pub embedding_openai_base_url: String,
+    #[arg(id = "embedding_openai_model", long, env = "EMBEDDING_OPENAI_MODEL", default_value = "text-embedding-3-small")]
+    pub embedding_openai_model: String,
+    /// Required with `--embedding-provider openai`; never logged.
+    #[arg(id = "embedding_openai_api_key", long, env = "EMBEDDING_OPENAI_API_KEY", hide_env_values = true, value_parser = crate::config::parse_secret)]
+    pub embedding_openai_api_key: Option<SecretString>,
+}
+
+/// Settings of [`OpenAiEmbedder`].
+#[derive(Debug, Clone)]
+pub struct OpenAiSettings {
+    pub base_url: String,
+    pub model: String,
+    pub api_key: SecretString,
+    /// Per request.
+    pub timeout: Duration,
+    /// Retries of a transient failure (429, 5xx, timeouts).
+    pub max_retries: usize,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    /// A longer `Retry-After` is cut to this.
+    pub max_retry_after: Duration,
+}
+
+impl OpenAiSettings {
+    pub fn new(base_url: impl Into<String>, model: impl Into<String>, api_key: SecretString) -> Self {
+        Self {
+            base_url: base_url.into(),
+            model: model.into(),
+            api_key,
+            timeout: Duration::from_secs(30),
+            max_retries: 4,
+            min_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(20),
+            max_retry_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// OpenAI's embeddings endpoint (`POST {base}/embeddings`), 384 dimensions.
+#[derive(Debug)]
+pub struct OpenAiEmbedder {
+    client: reqwest::Client,
+    settings: OpenAiSettings,
+}
+
+#[derive(serde::Deserialize)]
+struct EmbeddingsResponse {
+    data: Vec<EmbeddingItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct EmbeddingItem {
+    index: usize,
+    embedding: Vec<f32>,
+}
+
+impl OpenAiEmbedder {
+    pub fn new(settings: OpenAiSettings) -> Result<Self, EmbedderError> {
+        // reqwest is built without a default crypto provider (no aws-lc).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .build()
+            .map_err(|err| EmbedderError::Configuration(format!("HTTP client: {err}")))?;
+        Ok(Self { client, settings })
+    }
+
+    /// One request for the whole batch, retried with jittered exponential
+    /// backoff on transient failures; `Retry-After` replaces the delay (capped).
+    async fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedderError> {
+        let settings = &self.settings;
+        let backoff = ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(settings.min_delay)
+            .with_max_delay(settings.max_delay)
+            .with_max_times(settings.max_retries);
+        let max_retry_after = settings.max_retry_after;
+        (|| self.request(texts))
+            .retry(backoff)
+            .when(EmbedderError::is_transient)
+            .adjust(move |err: &EmbedderError, delay| match (delay, err.retry_after()) {
+                (None, _) => None,
+                (Some(_), Some(wait)) => Some(wait.min(max_retry_after)),
+                (Some(delay), None) => Some(delay),
+            })
+            .notify(|err: &EmbedderError, wait| {
+                tracing::warn!(error = %err, wait_ms = wait.as_millis() as u64, "embeddings request failed; retrying");
+            })
+            .await
+    }
+
+    async fn request(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedderError> {
+        let url = format!("{}/embeddings", self.settings.base_url.trim_end_matches('/'));
+        let body = serde_json::json!({
+            "model": self.settings.model,
+            "input": texts,
+            "dimensions": EMBEDDING_DIMENSIONS,
+            "encoding_format": "float",
+        });
+        let response = self
+            .client
+            .post(url)
+            .bearer_auth(self.settings.api_key.expose_secret())
+            .json(&body)
+            .send()
+            .await
+            .map_err(EmbedderError::Transport)?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(EmbedderError::Status { status: status.as_u16(), retry_after });
+        }
+        let bytes = response.bytes().await.map_err(EmbedderError::Transport)?;
+        let parsed: EmbeddingsResponse =
+            serde_json::from_slice(&bytes).map_err(|err| EmbedderError::InvalidResponse(err.to_string()))?;
+        if parsed.data.len() != texts.len() {
+            return Err(EmbedderError::InvalidResponse(format!(
+                "{} embeddings for {} texts",
+                parsed.data.len(),
+                texts.len()
+            )));
+        }
+        let mut out = vec![Vec::new(); texts.len()];
+        for item in parsed.data {
+            if item.embedding.len() != EMBEDDING_DIMENSIONS {
+                return Err(EmbedderError::InvalidResponse(format!(
+                    "an embedding of {} dimensions, expected {EMBEDDING_DIMENSIONS}",
+                    item.embedding.len()
+                )));
+            }
+            let slot = out
+                .get_mut(item.index)
+                .ok_or_else(|| EmbedderError::InvalidResponse(format!("index {} out of range", item.index)))?;
+            *slot = normalised(item.embedding);
+        }
+        if out.iter().any(Vec::is_empty) {
+            return Err(EmbedderError::InvalidResponse("an index is missing".to_owned()));
+        }
+        Ok(out)
+    }
+}
+
+/// Search ranks by inner product, which is cosine only for unit vectors.
+fn normalised(mut vector: Vec<f32>) -> Vec<f32> {
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        vector.iter_mut().for_each(|x| *x /= norm);
+    }
+    vector
+}
+
+#[derive(Debug)]
+enum Provider {
+    Local {
+        model: Arc<LocalEmbedder>,
+        /// One forward pass per core: more only queue inside the CPU.
+        passes: Arc<Semaphore>,
+    },
+    OpenAi(OpenAiEmbedder),
+}
+
+/// Cheap to clone handle used by async services: the local model runs
+/// batches on tokio's blocking pool (at most one per core at a time) so the
+/// runtime never stalls; large inputs are split into batches of at most 32
+/// texts. Or OpenAI's API, with the same interface.
 #[derive(Clone, Debug)]
 pub struct Embedder {
-    local: Arc<LocalEmbedder>,
+    provider: Arc<Provider>,
 }
 
 impl From<LocalEmbedder> for Embedder {
     fn from(local: LocalEmbedder) -> Self {
-        Self {
-            local: Arc::new(local),
-        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Self::local_with_passes(local, cores)
     }
 }
 
@@ -265,9 +491,46 @@ impl Embedder {
         LocalEmbedder::load(model_dir).map(Self::from)
     }
 
+    /// The local model with at most `passes` forward passes at a time.
+    pub fn local_with_passes(local: LocalEmbedder, passes: usize) -> Self {
+        Self {
+            provider: Arc::new(Provider::Local {
+                model: Arc::new(local),
+                passes: Arc::new(Semaphore::new(passes.max(1))),
+            }),
+        }
+    }
+
+    pub fn openai(settings: OpenAiSettings) -> Result<Self, EmbedderError> {
+        Ok(Self { provider: Arc::new(Provider::OpenAi(OpenAiEmbedder::new(settings)?)) })
+    }
+
+    /// The embedder the configuration asks for: the local model from
+    /// `model_dir`, or OpenAI (which needs the API key).
+    pub fn from_config(model_dir: &Path, config: &EmbeddingProviderConfig) -> Result<Self, EmbedderError> {
+        match config.embedding_provider {
+            EmbeddingProvider::Local => Self::local(model_dir),
+            EmbeddingProvider::Openai => {
+                let api_key = config.embedding_openai_api_key.clone().ok_or_else(|| {
+                    EmbedderError::Configuration(
+                        "EMBEDDING_PROVIDER=openai needs EMBEDDING_OPENAI_API_KEY".to_owned(),
+                    )
+                })?;
+                Self::openai(OpenAiSettings::new(
+                    config.embedding_openai_base_url.clone(),
+                    config.embedding_openai_model.clone(),
+                    api_key,
+                ))
+            }
+        }
+    }
+
     /// Name of the model that makes the vectors, recorded with each embedding.
     pub fn model_name(&self) -> &str {
-        LOCAL_MODEL_NAME
+        match &*self.provider {
+            Provider::Local { .. } => LOCAL_MODEL_NAME,
+            Provider::OpenAi(openai) => &openai.settings.model,
+        }
     }
 
     /// Length of every vector this embedder returns.
@@ -279,7 +542,8 @@ impl Embedder {
     ///
     /// Texts are grouped by length into batches of at most [`MAX_BATCH`], so
     /// short texts are not padded to the length of long ones; each batch runs
-    /// on the blocking pool. Dropping the future stops after the current batch.
+    /// on the blocking pool (or is one API request). Dropping the future
+    /// stops after the current batch.
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedderError> {
         let total = texts.len();
         if total <= MAX_BATCH {
@@ -313,12 +577,29 @@ impl Embedder {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let local = Arc::clone(&self.local);
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            local.embed_batch(&refs)
-        })
-        .await?
+        match &*self.provider {
+            Provider::OpenAi(openai) => openai.embed(&texts).await,
+            Provider::Local { model, passes } => {
+                // The permit moves into the blocking task: a caller that
+                // gives up does not free the core while the pass still runs.
+                let permit = Arc::clone(passes).acquire_owned().await.expect("the semaphore is never closed");
+                let model = Arc::clone(model);
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    model.embed_batch(&refs)
+                })
+                .await?
+            }
+        }
+    }
+
+    /// Forward passes that may start now (local model only), for tests and metrics.
+    pub fn available_passes(&self) -> Option<usize> {
+        match &*self.provider {
+            Provider::Local { passes, .. } => Some(passes.available_permits()),
+            Provider::OpenAi(_) => None,
+        }
     }
 }
 

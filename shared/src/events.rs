@@ -13,7 +13,14 @@ pub struct ConversationTranscribed {
     pub agent_id: String,
     pub caller_id: String,
     pub started_at: DateTime<Utc>,
+    /// Empty when the transcript was too large for a JetStream message:
+    /// then `payload_ref` names its payload file.
     pub turns: Vec<TranscriptTurn>,
+    /// The payload-store key (`{conversation_id}/{conversation_id}_transcription.json`)
+    /// of a transcript too large to travel inline. A consumer that sees it
+    /// reads the file and normalises its turns (`elaaoms_ingest::webhook::transcript_turns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_ref: Option<String>,
 }
 
 /// extractor → indexer: what is worth remembering from one conversation.

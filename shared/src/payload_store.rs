@@ -69,6 +69,13 @@ impl PayloadStore {
             .join(format!("{conversation_id}_{}", kind.file_suffix())))
     }
 
+    /// The store-relative key of a payload (`{id}/{id}_transcription.json`):
+    /// what events carry when they refer to a payload instead of embedding it.
+    pub fn key_of(&self, conversation_id: &str, kind: PayloadKind) -> Result<String, PayloadStoreError> {
+        self.path_of(conversation_id, kind)?;
+        Ok(format!("{conversation_id}/{conversation_id}_{}", kind.file_suffix()))
+    }
+
     /// Writes the file atomically and durably; an existing file is replaced.
     pub async fn put(&self, conversation_id: &str, kind: PayloadKind, bytes: Vec<u8>) -> Result<PathBuf, PayloadStoreError> {
         let path = self.path_of(conversation_id, kind)?;
@@ -125,6 +132,10 @@ mod tests {
             .await
             .unwrap();
         assert!(path.ends_with("conv_abc/conv_abc_transcription.json"));
+        assert_eq!(
+            store.key_of("conv_abc", PayloadKind::Transcription).unwrap(),
+            "conv_abc/conv_abc_transcription.json"
+        );
         store
             .put("conv_abc", PayloadKind::Transcription, b"{\"a\":2}".to_vec())
             .await

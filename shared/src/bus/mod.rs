@@ -302,6 +302,107 @@ impl Bus {
         Ok(ack.sequence)
     }
 
+    /// Deletes every message of `stream` for which `matches(headers,
+    /// payload)` is true, and returns how many it deleted (0 when the stream
+    /// does not exist). For erasure, not for the hot path: it reads the
+    /// whole stream once through a short-lived ephemeral consumer (no acks,
+    /// in memory) up to the last sequence at the start, then deletes by
+    /// sequence, so its cost grows with the stream's size, not the match
+    /// count. Messages published after the scan started are not seen.
+    pub async fn purge_matching<F>(&self, stream: &str, mut matches: F) -> Result<u64, BusError>
+    where
+        F: FnMut(Option<&HeaderMap>, &[u8]) -> bool,
+    {
+        use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use futures::StreamExt;
+
+        let consumer_error = |reason: String| BusError::Consumer {
+            consumer: format!("{stream} purge scan"),
+            reason,
+        };
+        let handle = match self.jetstream.get_stream(stream).await {
+            Ok(handle) => handle,
+            Err(err) => {
+                if let GetStreamErrorKind::JetStream(js) = err.kind() {
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND {
+                        return Ok(0);
+                    }
+                }
+                return Err(consumer_error(err.to_string()));
+            }
+        };
+        let state = handle
+            .get_info()
+            .await
+            .map_err(|err| consumer_error(err.to_string()))?
+            .state;
+        if state.messages == 0 {
+            return Ok(0);
+        }
+        let last = state.last_sequence;
+        let consumer = handle
+            .create_consumer(pull::Config {
+                ack_policy: AckPolicy::None,
+                deliver_policy: DeliverPolicy::All,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| consumer_error(err.to_string()))?;
+        let consumer_name = consumer.cached_info().name.clone();
+
+        let mut doomed = Vec::new();
+        let scanned: Result<(), BusError> = async {
+            let mut seen = 0;
+            while seen < last {
+                let mut batch = consumer
+                    .batch()
+                    .max_messages(500)
+                    .expires(Duration::from_secs(1))
+                    .messages()
+                    .await
+                    .map_err(|err| consumer_error(err.to_string()))?;
+                let mut received = 0;
+                while let Some(message) = batch.next().await {
+                    let message = message.map_err(|err| consumer_error(err.to_string()))?;
+                    received += 1;
+                    let sequence = message
+                        .info()
+                        .map_err(|err| consumer_error(err.to_string()))?
+                        .stream_sequence;
+                    seen = seen.max(sequence);
+                    if sequence <= last && matches(message.headers.as_ref(), &message.payload) {
+                        doomed.push(sequence);
+                    }
+                }
+                // An empty batch: nothing more up to `last` (deleted or aged out).
+                if received == 0 {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let _ = handle.delete_consumer(&consumer_name).await;
+        scanned?;
+
+        let mut deleted = 0;
+        for sequence in doomed {
+            // `false` or an error for "no such message": it went meanwhile.
+            match handle.delete_message(sequence).await {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
+                Err(err)
+                    if matches!(err.kind(), stream::DeleteMessageErrorKind::JetStream(js)
+                        if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) => {}
+                Err(err) => return Err(consumer_error(format!("deleting sequence {sequence}: {err}"))),
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Whether the connection to NATS is up, for readiness probes.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected

@@ -1,0 +1,481 @@
+//! `GET /v1/callers/{caller_id}/context?agent_id=`: what an agent should
+//! know before it says hello.
+//!
+//! * a summary (first and last seen, number of conversations);
+//! * the caller's open issues (most important first, at most 10);
+//! * the 10 most recent other memories, newest first.
+//!
+//! With `agent_id`, only what that agent may see (the sharing predicate: its
+//! own memories plus what the organization shares); without, everything.
+//! `context_text` renders the same as plain lines, ready to inject into a
+//! prompt, within [`CONTEXT_MAX_TOKENS`] tokens counted with the
+//! all-MiniLM-L6-v2 WordPiece tokenizer (`tokenizer.json` of the embedding
+//! model, via the `tokenizers` crate, without special tokens). It is a real
+//! tokenizer but not the LLM's: for English text the counts are close to
+//! GPT-style BPE counts, so keep a margin when the prompt is tight. Lines
+//! are dropped whole, never cut: open issues first, then the newest
+//! memories, so what is left out is the least urgent.
+//!
+//! An unknown caller is not an error: 200 with `caller_is_returning: false`,
+//! no memories and an empty text, which is exactly what a first call needs.
+
+use std::path::Path;
+use std::sync::LazyLock;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use elaaoms_shared::domain::{AgentId, CallerId};
+use elaaoms_shared::http::ApiError;
+use elaaoms_shared::sharing::visible_to_agent_sql;
+use serde::Serialize;
+use sqlx::{Postgres, Transaction};
+use tokenizers::Tokenizer;
+use uuid::Uuid;
+
+use crate::auth::Organization;
+use crate::error::{database_error, QueryError};
+use crate::memory::{MemoryView, MEMORY_COLUMNS};
+use crate::AppState;
+
+/// The most tokens `context_text` may hold.
+pub const CONTEXT_MAX_TOKENS: usize = 2000;
+/// Recent memories and open issues, each.
+const CONTEXT_MEMORIES: i64 = 10;
+
+/// Counts tokens with all-MiniLM-L6-v2's WordPiece tokenizer.
+pub struct ContextTokenizer(Tokenizer);
+
+impl ContextTokenizer {
+    /// Loads `tokenizer.json` from the embedding model's directory, with its
+    /// fixed padding and truncation switched off (they would make every
+    /// count 128).
+    pub fn load(model_dir: &Path) -> Result<Self, QueryError> {
+        let path = model_dir.join("tokenizer.json");
+        let error = |reason: String| QueryError::Tokenizer {
+            path: path.clone(),
+            reason,
+        };
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|err| error(err.to_string()))?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|err| error(err.to_string()))?;
+        Ok(Self(tokenizer))
+    }
+
+    /// Tokens of `text`, without `[CLS]`/`[SEP]`.
+    pub fn count(&self, text: &str) -> usize {
+        match self.0.encode(text, false) {
+            Ok(encoding) => encoding.len(),
+            // WordPiece does not fail on text; if it ever did, overestimate
+            // (one token per byte) so the budget still holds.
+            Err(_) => text.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub(crate) struct CallerSummary {
+    pub first_seen_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub total_conversations: i32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct CallerContext {
+    pub caller_id: String,
+    /// The agent whose view applied; `null` for all memories.
+    pub agent_id: Option<String>,
+    /// Whether the organization knows this caller.
+    pub caller_is_returning: bool,
+    /// `null` for an unknown caller.
+    pub summary: Option<CallerSummary>,
+    /// From a "Caller's name is ..." memory, when there is one.
+    pub caller_name: Option<String>,
+    /// Open issue memories, most important first.
+    pub open_issues: Vec<MemoryView>,
+    /// The most recent other memories, newest first.
+    pub memories: Vec<MemoryView>,
+    /// The above as plain lines, at most `context_max_tokens` tokens.
+    pub context_text: String,
+    pub context_tokens: usize,
+    pub context_max_tokens: usize,
+    /// Which tokenizer counted `context_tokens`.
+    pub tokenizer: &'static str,
+}
+
+fn memories_sql(open_issues: bool) -> String {
+    let (filter, order) = if open_issues {
+        (
+            "m.type = 'issue' AND m.status = 'open'",
+            "m.importance DESC, m.created_at DESC, m.id",
+        )
+    } else {
+        (
+            "NOT (m.type = 'issue' AND m.status = 'open')",
+            "m.created_at DESC, m.id",
+        )
+    };
+    format!(
+        "SELECT {MEMORY_COLUMNS}
+           FROM memories m
+           JOIN organizations o ON o.id = m.organization_id
+          WHERE m.organization_id = $1
+            AND m.caller_id = $2
+            AND ($3::text IS NULL OR {visible})
+            AND {filter}
+          ORDER BY {order}
+          LIMIT $4",
+        visible = visible_to_agent_sql("$3"),
+    )
+}
+
+static OPEN_ISSUES_SQL: LazyLock<String> = LazyLock::new(|| memories_sql(true));
+static RECENT_SQL: LazyLock<String> = LazyLock::new(|| memories_sql(false));
+static NAME_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT m.content
+           FROM memories m
+           JOIN organizations o ON o.id = m.organization_id
+          WHERE m.organization_id = $1
+            AND m.caller_id = $2
+            AND ($3::text IS NULL OR {visible})
+            AND m.type = 'factual'
+            AND (m.content ILIKE 'caller%' OR m.content ILIKE 'the caller%')
+          ORDER BY m.created_at DESC
+          LIMIT 20",
+        visible = visible_to_agent_sql("$3"),
+    )
+});
+
+/// Reads the caller's context inside an organization transaction.
+pub(crate) async fn load_context(
+    tx: &mut Transaction<'static, Postgres>,
+    tokenizer: &ContextTokenizer,
+    organization_id: Uuid,
+    caller_id: &CallerId,
+    agent_id: Option<&AgentId>,
+) -> Result<CallerContext, sqlx::Error> {
+    let agent = agent_id.map(AgentId::as_str);
+    let summary: Option<CallerSummary> = sqlx::query_as(
+        "SELECT first_seen_at, last_seen_at, total_conversations
+           FROM callers WHERE organization_id = $1 AND caller_id = $2",
+    )
+    .bind(organization_id)
+    .bind(caller_id.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let (open_issues, memories, caller_name) = if summary.is_some() {
+        let open_issues: Vec<MemoryView> = sqlx::query_as(OPEN_ISSUES_SQL.as_str())
+            .bind(organization_id)
+            .bind(caller_id.as_str())
+            .bind(agent)
+            .bind(CONTEXT_MEMORIES)
+            .fetch_all(&mut **tx)
+            .await?;
+        let memories: Vec<MemoryView> = sqlx::query_as(RECENT_SQL.as_str())
+            .bind(organization_id)
+            .bind(caller_id.as_str())
+            .bind(agent)
+            .bind(CONTEXT_MEMORIES)
+            .fetch_all(&mut **tx)
+            .await?;
+        let name_memories: Vec<String> = sqlx::query_scalar(NAME_SQL.as_str())
+            .bind(organization_id)
+            .bind(caller_id.as_str())
+            .bind(agent)
+            .fetch_all(&mut **tx)
+            .await?;
+        let name = name_memories.iter().find_map(|content| name_from(content));
+        (open_issues, memories, name)
+    } else {
+        (Vec::new(), Vec::new(), None)
+    };
+    let (context_text, context_tokens) = render(
+        summary.as_ref(),
+        caller_name.as_deref(),
+        &open_issues,
+        &memories,
+        CONTEXT_MAX_TOKENS,
+        |text| tokenizer.count(text),
+    );
+    Ok(CallerContext {
+        caller_id: caller_id.as_str().to_owned(),
+        agent_id: agent.map(str::to_owned),
+        caller_is_returning: summary.is_some(),
+        summary,
+        caller_name,
+        open_issues,
+        memories,
+        context_text,
+        context_tokens,
+        context_max_tokens: CONTEXT_MAX_TOKENS,
+        tokenizer: "all-MiniLM-L6-v2 WordPiece (tokenizer.json)",
+    })
+}
+
+/// The name in "Caller's name is Maya Okafor" or "Caller is Maya Okafor":
+/// at most five capitalised words, so "Caller is very frustrated" is not one.
+pub(crate) fn name_from(content: &str) -> Option<String> {
+    const PREFIXES: [&str; 5] = [
+        "the caller's name is ",
+        "caller's name is ",
+        "caller name is ",
+        "the caller is ",
+        "caller is ",
+    ];
+    let rest = PREFIXES.iter().find_map(|prefix| {
+        content
+            .get(..prefix.len())
+            .filter(|head| head.eq_ignore_ascii_case(prefix))
+            .map(|_| &content[prefix.len()..])
+    })?;
+    let name = rest.trim().trim_end_matches(['.', '!']).trim();
+    let words: Vec<&str> = name.split_whitespace().collect();
+    let plausible = !words.is_empty()
+        && words.len() <= 5
+        && name.chars().count() <= 100
+        && words
+            .iter()
+            .all(|word| word.chars().next().is_some_and(char::is_uppercase));
+    plausible.then(|| words.join(" "))
+}
+
+/// One line per memory: content on one line, then type, importance, date.
+pub(crate) fn memory_line(memory: &MemoryView) -> String {
+    let content = memory
+        .content
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!(
+        "- {content} ({}, importance {}, {})",
+        memory.memory_type,
+        memory.importance,
+        memory.created_at.format("%Y-%m-%d")
+    )
+}
+
+/// The context as text, greedily within `budget` tokens: whole lines in
+/// priority order (a line that does not fit is left out and later, shorter
+/// ones may still fit); a section's heading only with at least one line.
+pub(crate) fn render(
+    summary: Option<&CallerSummary>,
+    caller_name: Option<&str>,
+    open_issues: &[MemoryView],
+    memories: &[MemoryView],
+    budget: usize,
+    count: impl Fn(&str) -> usize,
+) -> (String, usize) {
+    let Some(summary) = summary else {
+        return (String::new(), 0);
+    };
+    let who = caller_name.map_or_else(
+        || "Returning caller".to_owned(),
+        |name| format!("Returning caller {name}"),
+    );
+    let plural = if summary.total_conversations == 1 {
+        ""
+    } else {
+        "s"
+    };
+    let header = format!(
+        "{who}: {} earlier conversation{plural}, first {}, last {}.",
+        summary.total_conversations,
+        summary.first_seen_at.format("%Y-%m-%d"),
+        summary.last_seen_at.format("%Y-%m-%d"),
+    );
+    let sections = [
+        ("Open issues:", open_issues),
+        ("What we remember (newest first):", memories),
+    ];
+
+    let mut lines: Vec<String> = Vec::new();
+    let mut used = 0;
+    let header_cost = count(&header);
+    if header_cost <= budget {
+        lines.push(header);
+        used += header_cost;
+    }
+    for (heading, items) in sections {
+        let heading_cost = count(heading);
+        let mut heading_written = false;
+        for memory in items {
+            let line = memory_line(memory);
+            let cost = count(&line) + if heading_written { 0 } else { heading_cost };
+            if used + cost > budget {
+                continue;
+            }
+            if !heading_written {
+                lines.push(heading.to_owned());
+                heading_written = true;
+            }
+            lines.push(line);
+            used += cost;
+        }
+    }
+    // Per-line counts add up to the whole text's count for WordPiece (lines
+    // are split at whitespace anyway); recount to be sure and drop lines
+    // from the end if a tokenizer ever disagrees.
+    let mut text = lines.join("\n");
+    let mut tokens = count(&text);
+    while tokens > budget && lines.pop().is_some() {
+        text = lines.join("\n");
+        tokens = count(&text);
+    }
+    (text, tokens)
+}
+
+pub(crate) async fn context(
+    State(state): State<AppState>,
+    organization: Organization,
+    UrlPath(caller_id): UrlPath<String>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<CallerContext>, ApiError> {
+    let caller_id = CallerId::new(caller_id)?;
+    let Query(pairs) = query.map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    let mut agent_id = None;
+    for (name, value) in pairs {
+        match name.as_str() {
+            "agent_id" => agent_id = Some(AgentId::new(value)?),
+            unknown => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_field",
+                    format!("{unknown}: unknown parameter; the accepted parameter is agent_id"),
+                ))
+            }
+        }
+    }
+    let mut tx = elaaoms_shared::db::begin_org_tx(&state.pool, organization.id)
+        .await
+        .map_err(|err| database_error("opening a context transaction", err))?;
+    let context = load_context(
+        &mut tx,
+        &state.tokenizer,
+        organization.id,
+        &caller_id,
+        agent_id.as_ref(),
+    )
+    .await
+    .map_err(|err| database_error("reading a caller's context", err))?;
+    tx.commit()
+        .await
+        .map_err(|err| database_error("closing a context transaction", err))?;
+    Ok(Json(context))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(content: &str, memory_type: &str, importance: i16) -> MemoryView {
+        MemoryView {
+            memory_id: Uuid::new_v4(),
+            content: content.to_owned(),
+            memory_type: memory_type.to_owned(),
+            importance,
+            is_shareable: importance >= 8,
+            confidence: 0.9,
+            reinforcement_count: 0,
+            status: (memory_type == "issue").then(|| "open".to_owned()),
+            created_at: "2025-11-20T10:00:00Z".parse().unwrap(),
+            last_reinforced_at: None,
+            agent_id: "agent_a".into(),
+            conversation_id: "conv_1".into(),
+            metadata: serde_json::json!({}),
+        }
+    }
+
+    fn summary() -> CallerSummary {
+        CallerSummary {
+            first_seen_at: "2025-11-03T10:00:00Z".parse().unwrap(),
+            last_seen_at: "2025-11-20T10:00:00Z".parse().unwrap(),
+            total_conversations: 2,
+        }
+    }
+
+    fn words(text: &str) -> usize {
+        text.split_whitespace().count()
+    }
+
+    #[test]
+    fn unknown_callers_get_no_text() {
+        assert_eq!(
+            render(None, None, &[], &[], 2000, words),
+            (String::new(), 0)
+        );
+    }
+
+    #[test]
+    fn issues_come_first_and_lines_are_whole() {
+        let issues = [memory("Croissants were burnt", "issue", 5)];
+        let memories = [memory("Prefers lemon\nwith raspberry", "preference", 6)];
+        let (text, tokens) = render(
+            Some(&summary()),
+            Some("Maya Okafor"),
+            &issues,
+            &memories,
+            2000,
+            words,
+        );
+        assert_eq!(
+            text,
+            "Returning caller Maya Okafor: 2 earlier conversations, first 2025-11-03, last 2025-11-20.\n\
+             Open issues:\n\
+             - Croissants were burnt (issue, importance 5, 2025-11-20)\n\
+             What we remember (newest first):\n\
+             - Prefers lemon with raspberry (preference, importance 6, 2025-11-20)"
+        );
+        assert_eq!(tokens, words(&text));
+    }
+
+    #[test]
+    fn the_budget_drops_whole_lines_never_cuts_one() {
+        let long = "word ".repeat(50);
+        let memories = [
+            memory("short one", "factual", 5),
+            memory(&long, "factual", 5),
+            memory("short two", "factual", 5),
+        ];
+        // Header (11 words) + heading (5) + "short one" line (6) + "short two" (6) = 28.
+        let (text, tokens) = render(Some(&summary()), None, &[], &memories, 30, words);
+        assert!(tokens <= 30, "{tokens}");
+        assert!(
+            text.contains("short one") && text.contains("short two"),
+            "{text}"
+        );
+        assert!(!text.contains("word word"), "{text}");
+        for line in text.lines() {
+            assert!(
+                line.ends_with(')') || line.ends_with(':') || line.ends_with('.'),
+                "{line}"
+            );
+        }
+        // Too small for anything but the header: no empty section heading.
+        let (text, _) = render(Some(&summary()), None, &[], &memories, 12, words);
+        assert!(!text.contains("What we remember"), "{text}");
+    }
+
+    #[test]
+    fn names_are_taken_only_from_name_memories() {
+        assert_eq!(
+            name_from("Caller's name is Maya Okafor").as_deref(),
+            Some("Maya Okafor")
+        );
+        assert_eq!(
+            name_from("Caller is Maya Okafor.").as_deref(),
+            Some("Maya Okafor")
+        );
+        assert_eq!(
+            name_from("the caller's NAME is Ana Lucia Ferreira").as_deref(),
+            Some("Ana Lucia Ferreira")
+        );
+        assert_eq!(name_from("Caller is very frustrated"), None);
+        assert_eq!(name_from("Caller lives in Atlanta"), None);
+        assert_eq!(name_from("Caller's name is "), None);
+    }
+}

@@ -1,0 +1,292 @@
+//! Scenario 3: search latency at scale. Generates `--memories` memories
+//! across `--callers` callers (plus one caller with 10,000), with texts from
+//! the bundled transcripts and real embeddings for a sample (the rest are
+//! those embeddings plus noise, normalised: the scan cost does not depend on
+//! the values, only realism of scores does). Then measures, one request at a
+//! time: the HTTP search (embedding included), the same SQL issued directly
+//! with a precomputed embedding, and the embedding alone.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use elaaoms_shared::config::DatabaseConfig;
+use elaaoms_shared::db;
+use elaaoms_shared::domain::{Speaker, TranscriptTurn};
+use elaaoms_shared::embedder::Embedder;
+use pgvector::Vector;
+use tokio_util::sync::CancellationToken;
+
+use super::{machine_description, BenchEnv, BenchEnvArgs, Latencies, LATENCY_TABLE_HEADER};
+
+#[derive(clap::Args, Debug)]
+pub struct SearchBenchArgs {
+    #[command(flatten)]
+    env: BenchEnvArgs,
+    /// Memories spread across the callers.
+    #[arg(long, default_value_t = 10_000)]
+    memories: u64,
+    #[arg(long, default_value_t = 1_000)]
+    callers: u64,
+    /// Requests measured per series.
+    #[arg(long, default_value_t = 500)]
+    requests: u64,
+}
+
+const QUERIES: [&str; 8] = [
+    "Does anyone in the family have a food allergy?",
+    "What flavours does she like?",
+    "Is there an open complaint?",
+    "How does the caller prefer to be contacted?",
+    "Who picks up the orders?",
+    "Is the caller anxious about anything?",
+    "When are good appointment times?",
+    "Does the internet keep dropping?",
+];
+
+const HEAVY_CALLER: &str = "caller_heavy";
+const HEAVY_MEMORIES: u64 = 10_000;
+const NOISE_VECTORS: u64 = 64;
+
+/// Sentences as extracted memories are written, from the fixtures.
+fn base_sentences() -> Result<Vec<(String, &'static str)>> {
+    let mut sentences = Vec::new();
+    for entry in std::fs::read_dir("tests/fixtures/elevenlabs").context("run from the repository root")? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        if !name.starts_with("post_call_transcription") {
+            continue;
+        }
+        let body: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let turns: Vec<TranscriptTurn> = body["data"]["transcript"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|turn| {
+                Some(TranscriptTurn {
+                    speaker: if turn["role"] == "user" { Speaker::User } else { Speaker::Agent },
+                    message: turn["message"].as_str()?.to_owned(),
+                    time_in_call_secs: None,
+                })
+            })
+            .collect();
+        for memory in elaaoms_extractor::rules::extract_memories(&turns) {
+            sentences.push((memory.content.as_str().to_owned(), memory.memory_type.as_str()));
+        }
+    }
+    Ok(sentences)
+}
+
+async fn generate(env: &BenchEnv, embedder: &Embedder, memories: u64, callers: u64) -> Result<()> {
+    let started = Instant::now();
+    let base = base_sentences()?;
+    let texts: Vec<String> = base.iter().map(|(text, _)| text.clone()).collect();
+    let embeddings = embedder.embed(texts).await?;
+    let admin = &env.admin_pool;
+    sqlx::query("CREATE TABLE bench_base (id bigint PRIMARY KEY, content text, type text, embedding vector(384))")
+        .execute(admin)
+        .await?;
+    for (id, ((content, kind), embedding)) in base.iter().zip(embeddings).enumerate() {
+        sqlx::query("INSERT INTO bench_base VALUES ($1, $2, $3, $4)")
+            .bind(id as i64)
+            .bind(content)
+            .bind(kind)
+            .bind(Vector::from(embedding))
+            .execute(admin)
+            .await?;
+    }
+    sqlx::query("CREATE TABLE bench_noise (id bigint PRIMARY KEY, embedding vector(384))")
+        .execute(admin)
+        .await?;
+    for id in 0..NOISE_VECTORS {
+        let noise: Vec<f32> = (0..384).map(|_| (rand::random::<f32>() - 0.5) * 0.08).collect();
+        sqlx::query("INSERT INTO bench_noise VALUES ($1, $2)")
+            .bind(id as i64)
+            .bind(Vector::from(noise))
+            .execute(admin)
+            .await?;
+    }
+    let organization_id = env.organization_id;
+    sqlx::query("INSERT INTO agents (organization_id, agent_id) VALUES ($1, 'agent_bench')")
+        .bind(organization_id)
+        .execute(admin)
+        .await?;
+    sqlx::query(
+        "INSERT INTO callers (organization_id, caller_id, first_seen_at, last_seen_at, total_conversations)
+         SELECT $1, c, now() - interval '90 days', now(), 1
+           FROM (SELECT 'caller_' || lpad(g::text, 6, '0') AS c FROM generate_series(0, $2 - 1) g
+                 UNION ALL SELECT $3) callers",
+    )
+    .bind(organization_id)
+    .bind(callers as i64)
+    .bind(HEAVY_CALLER)
+    .execute(admin)
+    .await?;
+    sqlx::query(
+        "INSERT INTO conversations (organization_id, conversation_id, agent_id, caller_id, start_time, status)
+         SELECT $1, 'conv_' || caller_id, 'agent_bench', caller_id, now(), 'completed' FROM callers",
+    )
+    .bind(organization_id)
+    .execute(admin)
+    .await?;
+    let insert = "INSERT INTO memories (organization_id, caller_id, agent_id, conversation_id, content, type,
+                                        importance, confidence, status, created_at, embedding, embedding_model)
+         SELECT $1, c.caller_id, 'agent_bench', 'conv_' || c.caller_id, b.content, b.type,
+                1 + (g % 10), 0.7, CASE WHEN b.type = 'issue' THEN 'open' END,
+                now() - make_interval(mins => g::int), l2_normalize(b.embedding + n.embedding), 'all-MiniLM-L6-v2'
+           FROM generate_series(0, $2 - 1) g
+           JOIN LATERAL (SELECT CASE WHEN $4 THEN $5 ELSE 'caller_' || lpad((g % $3)::text, 6, '0') END AS caller_id) c ON true
+           JOIN bench_base b ON b.id = g % (SELECT count(*) FROM bench_base)
+           JOIN bench_noise n ON n.id = (g / (SELECT count(*) FROM bench_base)) % $6";
+    for (rows, heavy) in [(memories, false), (HEAVY_MEMORIES, true)] {
+        sqlx::query(sqlx::AssertSqlSafe(insert))
+            .bind(organization_id)
+            .bind(rows as i64)
+            .bind(callers as i64)
+            .bind(heavy)
+            .bind(HEAVY_CALLER)
+            .bind(NOISE_VECTORS as i64)
+            .execute(admin)
+            .await?;
+    }
+    sqlx::query("ANALYZE").execute(admin).await?;
+    println!(
+        "generated {} memories for {} callers (+{HEAVY_MEMORIES} for one caller) in {:.1} s",
+        memories,
+        callers,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub async fn run(args: SearchBenchArgs) -> Result<()> {
+    let env = BenchEnv::prepare(&args.env).await?;
+    let embedder = Embedder::local(&env.embedding.embedding_model_dir)?;
+    generate(&env, &embedder, args.memories, args.callers).await?;
+    let api_key = elaaoms_shared::api_keys::generate_api_key();
+    sqlx::query("INSERT INTO api_keys (organization_id, name, key_hash, key_prefix) VALUES ($1, 'bench', $2, 'bench')")
+        .bind(env.organization_id)
+        .bind(elaaoms_shared::api_keys::hash_api_key(&api_key))
+        .execute(&env.admin_pool)
+        .await?;
+
+    let service = elaaoms_query::QueryService::build(
+        elaaoms_query::Config {
+            database: DatabaseConfig {
+                database_url: env.service_url.clone(),
+                database_max_connections: 8,
+            },
+            // Search touches neither the bus nor the payload store (only
+            // erasure does); the query service still needs both configured.
+            bus: elaaoms_shared::config::BusConfig {
+                nats_url: std::env::var("NATS_URL")
+                    .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
+                bus_namespace: "bench".to_owned(),
+                stream_max_bytes: 1 << 20,
+            },
+            payloads: elaaoms_shared::config::PayloadStoreConfig {
+                payload_dir: std::env::temp_dir().join("elaaoms-bench-payloads-unused"),
+            },
+            embedding: env.embedding.clone(),
+            settings: elaaoms_query::QuerySettings {
+                addr: "127.0.0.1:0".parse().expect("valid address"),
+                init_deadline: std::time::Duration::from_millis(300),
+                caller_token_ttl: std::time::Duration::from_secs(3600),
+                // Each query text is new, so the cache never answers; keep
+                // it at the production size anyway.
+                embedding_cache_entries: 1000,
+            },
+        },
+        embedder.clone(),
+    )
+    .await?;
+    let search_url = format!("http://{}/v1/search", service.local_addr());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(service.run(shutdown.clone()));
+    let client = reqwest::Client::new();
+
+    let caller_of = |i: u64| format!("caller_{:06}", (i * 7919) % args.callers);
+    // Each query text is new, so no cache can answer it.
+    let query_of = |i: u64| format!("{} ({i})", QUERIES[i as usize % QUERIES.len()]);
+    let warm = args.requests.min(50);
+
+    let http = Latencies::new();
+    let heavy = Latencies::new();
+    for i in 0..args.requests + warm {
+        for (caller, latencies) in [(caller_of(i), &http), (HEAVY_CALLER.to_owned(), &heavy)] {
+            let body = serde_json::json!({
+                "query_text": query_of(i),
+                "caller_id": caller,
+                "relevance_threshold": 0.3,
+                "result_limit": 5,
+            });
+            let started = Instant::now();
+            let response = client.post(&search_url).bearer_auth(&api_key).json(&body).send().await?;
+            anyhow::ensure!(response.status().is_success(), "search failed: {}", response.status());
+            response.bytes().await?;
+            if i >= warm {
+                latencies.record(started.elapsed());
+            }
+        }
+    }
+
+    let embedding = Latencies::new();
+    let sql = Latencies::new();
+    let sql_heavy = Latencies::new();
+    for i in 0..args.requests + warm {
+        let started = Instant::now();
+        let vector = Vector::from(embedder.embed_one(&query_of(i)).await?);
+        if i >= warm {
+            embedding.record(started.elapsed());
+        }
+        for (caller, latencies) in [(caller_of(i), &sql), (HEAVY_CALLER.to_owned(), &sql_heavy)] {
+            let started = Instant::now();
+            let mut tx = db::begin_org_tx(&env.pool, env.organization_id).await?;
+            let rows = sqlx::query(sqlx::AssertSqlSafe(elaaoms_query::search_sql()))
+                .bind(env.organization_id)
+                .bind(&caller)
+                .bind(&vector)
+                .bind(None::<String>)
+                .bind(None::<Vec<String>>)
+                .bind(None::<i16>)
+                .bind(0.3_f64)
+                .bind(5_i64)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            std::hint::black_box(rows);
+            if i >= warm {
+                latencies.record(started.elapsed());
+            }
+        }
+    }
+
+    println!(
+        "\n## search, {} memories across {} callers (+ one caller with {HEAVY_MEMORIES})\n\n{}\n",
+        args.memories,
+        args.callers,
+        machine_description()
+    );
+    println!("{LATENCY_TABLE_HEADER}");
+    for (name, latencies) in [
+        ("HTTP search incl. embedding (typical caller)", &http),
+        ("HTTP search incl. embedding (caller with 10k)", &heavy),
+        ("baseline: same SQL directly (typical caller)", &sql),
+        ("baseline: same SQL directly (caller with 10k)", &sql_heavy),
+        ("baseline: query embedding alone", &embedding),
+    ] {
+        println!("{}", latencies.summary().latency_row(name));
+    }
+    let (http, sql, embedding) = (http.summary(), sql.summary(), embedding.summary());
+    println!(
+        "\nHTTP search p50 {:.2} ms = embedding {:.2} ms + SQL {:.2} ms + {:.2} ms other (auth, JSON, HTTP)",
+        http.p50_ms,
+        embedding.p50_ms,
+        sql.p50_ms,
+        http.p50_ms - embedding.p50_ms - sql.p50_ms
+    );
+
+    shutdown.cancel();
+    server.await??;
+    Ok(())
+}
