@@ -10,6 +10,7 @@ when a check failed.
     validate.py promql FILE...                  every PromQL expression parses (alerts, dashboard)
     validate.py grafana DASHBOARD.json          dashboard structure
     validate.py nats-values VALUES.yaml         the NATS Helm values
+    validate.py dockerfile Dockerfile           parses (BuildKit's parser) and builds what the brief says
     validate.py model-pins Dockerfile setup.sh  the image's model hashes equal setup.sh's
 """
 
@@ -255,8 +256,14 @@ def cmd_policy(label: str, rendered: str) -> None:
     for cm in by_kind.get("ConfigMap", []):
         if not all(isinstance(value, str) for value in cm.get("data", {}).values()):
             problems.append(f"{name_of(cm)}: a value is not a string")
+    namespaces = {doc["metadata"]["name"] for doc in by_kind.get("Namespace", [])}
+    for doc in docs:
+        if doc["kind"] != "Namespace" and doc["metadata"].get("namespace") not in namespaces:
+            problems.append(f"{name_of(doc)} is in namespace {doc['metadata'].get('namespace')!r}, "
+                            f"not in the rendered Namespace {sorted(namespaces)}")
     report(not problems, f"{label} wiring",
-           "Services select pods, ServiceMonitor ports exist, default-deny ingress, ConfigMap values are strings"
+           "Services select pods, ServiceMonitor ports exist, default-deny ingress, ConfigMap values are strings, "
+           "every object in the rendered Namespace"
            if not problems else "; ".join(problems))
 
     # PromQL inside PrometheusRules.
@@ -397,6 +404,84 @@ def cmd_nats_values(path: str) -> None:
            else "; ".join(problems))
 
 
+# ------------------------------------------------------------- Dockerfile
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    path = path.strip("/")
+    for pattern in patterns:
+        pattern = pattern.strip().rstrip("/")
+        if not pattern or pattern.startswith("#") or pattern.startswith("**"):
+            continue
+        if path == pattern or path.startswith(pattern + "/"):
+            return True
+    return False
+
+
+def cmd_dockerfile(path: str) -> None:
+    import dockerfile
+
+    try:
+        instructions = dockerfile.parse_file(path)
+    except dockerfile.GoParseError as err:
+        report(False, f"Dockerfile {path}", f"does not parse: {err}")
+        return
+    root = pathlib.Path(path).resolve().parent.parent
+    ignore_file = root / ".dockerignore"
+    ignored = ignore_file.read_text().splitlines() if ignore_file.exists() else []
+    problems = []
+    stages: list[tuple[str, str, list]] = []  # (name, base, instructions)
+    for ins in instructions:
+        if ins.cmd == "FROM":
+            value = list(ins.value)
+            name = value[2] if len(value) >= 3 and value[1].upper() == "AS" else ""
+            stages.append((name, value[0], []))
+        elif stages:
+            stages[-1][2].append(ins)
+    names = [name for name, _, _ in stages]
+    if names != ["chef", "planner", "builder", "model", "runtime"]:
+        problems.append(f"stages are {names}, want chef, planner, builder, model, runtime")
+    by_name = {name: (base, body) for name, base, body in stages}
+    builder = [" ".join(i.value) for i in by_name.get("builder", ("", []))[1]]
+    cook = next((n for n, line in enumerate(builder) if "cargo chef cook --release" in line), None)
+    copy_all = next((n for n, line in enumerate(builder) if line == ". ."), None)
+    build = next((n for n, line in enumerate(builder) if "cargo build --release" in line and "--bin elaaoms" in line), None)
+    if None in (cook, copy_all, build) or not cook < copy_all < build:
+        problems.append("builder must `cargo chef cook --release`, then COPY the sources, then `cargo build --release --bin elaaoms`")
+    base, runtime = by_name.get("runtime", ("", []))
+    if not re.fullmatch(r"debian:(\$\{DEBIAN_RELEASE\}|bookworm)-slim", base):
+        problems.append(f"runtime stage is {base!r}, want debian bookworm-slim")
+    env = {}
+    for ins in runtime:
+        if ins.cmd == "ENV":
+            values = list(ins.value)
+            env.update(zip(values[::2], values[1::2]))
+    want = {"EMBEDDING_MODEL_DIR": "/app/data/models/all-MiniLM-L6-v2", "PAYLOAD_DIR": "/app/data/payloads",
+            "LOG_FORMAT": "json", "INGEST_ADDR": "0.0.0.0:8080", "QUERY_ADDR": "0.0.0.0:8081",
+            "EXTRACTOR_HEALTH_ADDR": "0.0.0.0:9091", "INDEXER_HEALTH_ADDR": "0.0.0.0:9092"}
+    for key, value in want.items():
+        if env.get(key) != value:
+            problems.append(f"ENV {key} is {env.get(key)!r}, want {value!r}")
+    users = [" ".join(i.value) for i in runtime if i.cmd == "USER"]
+    if users[-1:] != ["10001:10001"]:
+        problems.append(f"runtime USER is {users[-1:] or 'root'}, want 10001:10001")
+    cmds = [i.cmd for i in runtime]
+    for needed in ("HEALTHCHECK", "VOLUME", "ENTRYPOINT"):
+        if needed not in cmds:
+            problems.append(f"runtime stage has no {needed}")
+    copies = [i for i in runtime if i.cmd == "COPY" and not any(f.startswith("--from") for f in i.flags)]
+    for ins in copies:
+        for source in list(ins.value)[:-1]:
+            if not (root / source).exists():
+                problems.append(f"COPY {source}: not in the repository")
+            elif dockerignored(source, ignored):
+                problems.append(f"COPY {source}: excluded by .dockerignore")
+    if not any(dockerignored(p, ignored) for p in ("target", "data", ".git")):
+        problems.append(".dockerignore does not exclude target/, data/, .git")
+    report(not problems, f"Dockerfile {path}",
+           "parses (BuildKit parser); chef/planner/builder/model/runtime, dependencies cooked before the sources, "
+           "debian slim runtime as 10001 with HEALTHCHECK, ENV as documented" if not problems else "; ".join(problems))
+
+
 # ------------------------------------------------------------- model pins
 
 def cmd_model_pins(dockerfile: str, setup: str) -> None:
@@ -428,6 +513,7 @@ def main(argv: list[str]) -> int:
         "grafana": lambda: cmd_grafana(*args),
         "nats-values": lambda: cmd_nats_values(*args),
         "model-pins": lambda: cmd_model_pins(*args),
+        "dockerfile": lambda: cmd_dockerfile(*args),
     }[command]()
     return 1 if failures else 0
 

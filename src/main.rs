@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use elaaoms_shared::config::{
     BusConfig, DatabaseConfig, EmbeddingConfig, PayloadStoreConfig, TelemetryConfig, WorkerConfig,
 };
-use elaaoms_shared::embedder::Embedder;
+use elaaoms_shared::embedder::{Embedder, EmbeddingProviderConfig};
 use elaaoms_shared::telemetry::init_tracing;
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +62,8 @@ struct IndexerArgs {
     indexer: elaaoms_indexer::Config,
     #[command(flatten)]
     embedding: EmbeddingConfig,
+    #[command(flatten)]
+    embedding_provider: EmbeddingProviderConfig,
 }
 
 #[derive(clap::Args, Debug)]
@@ -70,6 +72,8 @@ struct QueryArgs {
     /// context text's tokens).
     #[command(flatten)]
     query: elaaoms_query::Config,
+    #[command(flatten)]
+    embedding_provider: EmbeddingProviderConfig,
 }
 
 /// The shared sections once, then what each service adds.
@@ -85,6 +89,8 @@ struct RunArgs {
     payloads: PayloadStoreConfig,
     #[command(flatten)]
     embedding: EmbeddingConfig,
+    #[command(flatten)]
+    embedding_provider: EmbeddingProviderConfig,
     #[command(flatten)]
     ingest: elaaoms_ingest::IngestSettings,
     #[command(flatten)]
@@ -117,14 +123,14 @@ async fn main() -> Result<()> {
             service.run(shutdown_signal()).await.context("extractor")
         }
         Command::Indexer(args) => {
-            let embedder = load_embedder(&args.embedding)?;
+            let embedder = load_embedder(&args.embedding, &args.embedding_provider)?;
             let service = elaaoms_indexer::IndexerService::build(args.indexer, embedder)
                 .await
                 .context("starting the indexer")?;
             service.run(shutdown_signal()).await.context("indexer")
         }
         Command::Query(args) => {
-            let embedder = load_embedder(&args.query.embedding)?;
+            let embedder = load_embedder(&args.query.embedding, &args.embedding_provider)?;
             let service = elaaoms_query::QueryService::build(args.query, embedder)
                 .await
                 .context("starting the query service")?;
@@ -140,14 +146,15 @@ async fn main() -> Result<()> {
     }
 }
 
-fn load_embedder(config: &EmbeddingConfig) -> Result<Embedder> {
-    Embedder::local(&config.embedding_model_dir).context("loading the embedding model")
+/// The local model (default) or OpenAI's API, as EMBEDDING_PROVIDER says.
+fn load_embedder(config: &EmbeddingConfig, provider: &EmbeddingProviderConfig) -> Result<Embedder> {
+    Embedder::from_config(&config.embedding_model_dir, provider).context("setting up the embedder")
 }
 
 /// Builds all four services (failing fast if any cannot start), then runs
 /// them until Ctrl-C or SIGTERM stops them all.
 async fn run_all(args: RunArgs) -> Result<()> {
-    let embedder = load_embedder(&args.embedding)?;
+    let embedder = load_embedder(&args.embedding, &args.embedding_provider)?;
     let ingest = elaaoms_ingest::IngestService::build(elaaoms_ingest::Config {
         database: args.database.clone(),
         bus: args.bus.clone(),

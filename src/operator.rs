@@ -100,7 +100,10 @@ pub async fn org(args: OrgArgs) -> Result<()> {
                 .bind(elaaoms_query::hash_agent_secret(&secret))
                 .execute(&admin)
                 .await?;
-            println!("agent secret of {} (shown once; the previous one stops working):", args.slug);
+            println!(
+                "agent secret of {} (shown once; the previous one stops working):",
+                args.slug
+            );
             println!("{secret}");
             println!("send it as the `X-Elaaoms-Secret` header (docs/elevenlabs-setup.md)");
             Ok(())
@@ -124,7 +127,11 @@ pub async fn org(args: OrgArgs) -> Result<()> {
                 .bind(&defaults)
                 .execute(&admin)
                 .await?;
-            println!("dynamic-variable defaults of {} set ({} variables)", args.slug, object.len());
+            println!(
+                "dynamic-variable defaults of {} set ({} variables)",
+                args.slug,
+                object.len()
+            );
             Ok(())
         }
         OrgCommand::Create(args) => {

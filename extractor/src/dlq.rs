@@ -11,6 +11,7 @@
 //! republished at that generation (same message id, so no double event
 //! inside the duplicate window), then the dead letter is deleted.
 
+use async_nats::jetstream::context::GetStreamErrorKind;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use elaaoms_shared::bus::{
@@ -60,11 +61,17 @@ pub async fn list(bus: &Bus) -> Result<Vec<DeadLetter>, DlqError> {
         stream: stream_name.clone(),
         reason,
     };
-    let mut stream = bus
-        .jetstream
-        .get_stream(&stream_name)
-        .await
-        .map_err(|err| stream_error(err.to_string()))?;
+    let mut stream = match bus.jetstream.get_stream(&stream_name).await {
+        Ok(stream) => stream,
+        // No worker has started yet: nothing was ever dead-lettered.
+        Err(err)
+            if matches!(err.kind(), GetStreamErrorKind::JetStream(js)
+                if js.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok(Vec::new())
+        }
+        Err(err) => return Err(stream_error(err.to_string())),
+    };
     let state = stream
         .info()
         .await

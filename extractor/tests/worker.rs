@@ -443,15 +443,19 @@ async fn anthropic_extraction_and_a_call_with_nothing_to_remember() {
         .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_body(memories_json(&[]))))
         .mount(&anthropic)
         .await;
-    let running = harness
-        .start(
-            ExtractorSettings {
-                llm: llm_settings(&openai, &anthropic),
-                ..ExtractorSettings::default()
-            },
-            3,
-        )
+    // ElevenLabs is down: the profile is skipped, the extraction goes on.
+    let elevenlabs = MockServer::start().await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("upstream unavailable"))
+        .mount(&elevenlabs)
         .await;
+    let mut settings = ExtractorSettings {
+        llm: llm_settings(&openai, &anthropic),
+        ..ExtractorSettings::default()
+    };
+    settings.profiles.elevenlabs_api_key = Some(SecretString::from("xi-test-key"));
+    settings.profiles.elevenlabs_base_url = elevenlabs.uri();
+    let running = harness.start(settings, 3).await;
     harness
         .publish_transcript(
             organization,
@@ -477,6 +481,16 @@ async fn anthropic_extraction_and_a_call_with_nothing_to_remember() {
         empty.payload.memories.is_empty(),
         "nothing worth remembering still completes"
     );
+    assert!(
+        !elevenlabs.received_requests().await.unwrap().is_empty(),
+        "the profile fetch was tried"
+    );
+    let first = &anthropic.received_requests().await.unwrap()[0];
+    let system = first.body_json::<Value>().unwrap()["system"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(system.contains("AGENT PROFILE\nUnknown."), "{system}");
     let tokens: i64 = sqlx::query_scalar(
         "SELECT sum(input_tokens)::bigint FROM extraction_usage WHERE organization_id = $1",
     )

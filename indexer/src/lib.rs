@@ -294,3 +294,34 @@ impl Handler for IndexHandler {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_count_effects_and_similarities() {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry);
+        metrics.record(&Outcome {
+            created: 2,
+            reinforced: 1,
+            conflicted: 1,
+            best_similarities: vec![0.93, 0.7],
+            ..Outcome::default()
+        });
+        assert_eq!(metrics.memories.with_label_values(&["created"]).get(), 2);
+        assert_eq!(metrics.memories.with_label_values(&["reinforced"]).get(), 1);
+        assert_eq!(metrics.memories.with_label_values(&["conflicted"]).get(), 1);
+        assert_eq!(metrics.dedup_similarity.get_sample_count(), 2);
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|family| family.name().to_owned())
+            .collect();
+        assert!(
+            names.contains(&"elaaoms_indexer_embedding_seconds".to_owned()),
+            "{names:?}"
+        );
+    }
+}

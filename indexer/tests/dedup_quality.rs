@@ -104,7 +104,7 @@ fn evaluate(
         mut distinct_merged,
         mut distinct_conflicted,
     ) = (0, 0, 0, 0);
-    let mut above_bar = 0;
+    let (mut above_bar, mut cosine_alone_false_merges) = (0, 0);
     for (i, pair) in pairs.iter().enumerate() {
         let similarity = cosine(&vectors[2 * i], &vectors[2 * i + 1]);
         let decision = if similarity < CANDIDATE_SIMILARITY {
@@ -112,8 +112,11 @@ fn evaluate(
         } else {
             judge(&pair.existing, &pair.new, similarity, thresholds)
         };
-        if pair.label == "duplicate" && similarity >= thresholds.duplicate {
-            above_bar += 1;
+        if similarity >= thresholds.duplicate {
+            match pair.label.as_str() {
+                "duplicate" => above_bar += 1,
+                _ => cosine_alone_false_merges += 1,
+            }
         }
         match (pair.label.as_str(), decision) {
             ("duplicate", Decision::Duplicate) => {
@@ -157,6 +160,9 @@ fn evaluate(
     );
     println!("duplicates detected (recall): {found_duplicates}/{duplicates} = {recall:.3}");
     println!("duplicates at or above the bar by cosine alone: {above_bar}/{duplicates}");
+    println!(
+        "conflict or distinct pairs that cosine alone would merge: {cosine_alone_false_merges}"
+    );
     println!("precision of merges: {merged_right}/{merged} = {precision:.3}");
     println!("conflicts detected: {found_conflicts}/{conflicts}");
     println!("contradictions merged as duplicates: {false_merges_of_conflicts}");

@@ -301,9 +301,19 @@ pub struct EmbeddingProviderConfig {
     #[arg(id = "embedding_provider", long, env = "EMBEDDING_PROVIDER", value_enum, default_value_t = EmbeddingProvider::Local)]
     pub embedding_provider: EmbeddingProvider,
     /// Base URL of the OpenAI (or compatible) API.
-    #[arg(id = "embedding_openai_base_url", long, env = "EMBEDDING_OPENAI_BASE_URL", default_value = "https://api.openai.com/v1")]
+    #[arg(
+        id = "embedding_openai_base_url",
+        long,
+        env = "EMBEDDING_OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
     pub embedding_openai_base_url: String,
-    #[arg(id = "embedding_openai_model", long, env = "EMBEDDING_OPENAI_MODEL", default_value = "text-embedding-3-small")]
+    #[arg(
+        id = "embedding_openai_model",
+        long,
+        env = "EMBEDDING_OPENAI_MODEL",
+        default_value = "text-embedding-3-small"
+    )]
     pub embedding_openai_model: String,
     /// Required with `--embedding-provider openai`; never logged.
     #[arg(id = "embedding_openai_api_key", long, env = "EMBEDDING_OPENAI_API_KEY", hide_env_values = true, value_parser = crate::config::parse_secret)]
@@ -327,7 +337,11 @@ pub struct OpenAiSettings {
 }
 
 impl OpenAiSettings {
-    pub fn new(base_url: impl Into<String>, model: impl Into<String>, api_key: SecretString) -> Self {
+    pub fn new(
+        base_url: impl Into<String>,
+        model: impl Into<String>,
+        api_key: SecretString,
+    ) -> Self {
         Self {
             base_url: base_url.into(),
             model: model.into(),
@@ -395,7 +409,10 @@ impl OpenAiEmbedder {
     }
 
     async fn request(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedderError> {
-        let url = format!("{}/embeddings", self.settings.base_url.trim_end_matches('/'));
+        let url = format!(
+            "{}/embeddings",
+            self.settings.base_url.trim_end_matches('/')
+        );
         let body = serde_json::json!({
             "model": self.settings.model,
             "input": texts,
@@ -418,11 +435,14 @@ impl OpenAiEmbedder {
                 .and_then(|value| value.to_str().ok())
                 .and_then(|value| value.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            return Err(EmbedderError::Status { status: status.as_u16(), retry_after });
+            return Err(EmbedderError::Status {
+                status: status.as_u16(),
+                retry_after,
+            });
         }
         let bytes = response.bytes().await.map_err(EmbedderError::Transport)?;
-        let parsed: EmbeddingsResponse =
-            serde_json::from_slice(&bytes).map_err(|err| EmbedderError::InvalidResponse(err.to_string()))?;
+        let parsed: EmbeddingsResponse = serde_json::from_slice(&bytes)
+            .map_err(|err| EmbedderError::InvalidResponse(err.to_string()))?;
         if parsed.data.len() != texts.len() {
             return Err(EmbedderError::InvalidResponse(format!(
                 "{} embeddings for {} texts",
@@ -438,13 +458,15 @@ impl OpenAiEmbedder {
                     item.embedding.len()
                 )));
             }
-            let slot = out
-                .get_mut(item.index)
-                .ok_or_else(|| EmbedderError::InvalidResponse(format!("index {} out of range", item.index)))?;
+            let slot = out.get_mut(item.index).ok_or_else(|| {
+                EmbedderError::InvalidResponse(format!("index {} out of range", item.index))
+            })?;
             *slot = normalised(item.embedding);
         }
         if out.iter().any(Vec::is_empty) {
-            return Err(EmbedderError::InvalidResponse("an index is missing".to_owned()));
+            return Err(EmbedderError::InvalidResponse(
+                "an index is missing".to_owned(),
+            ));
         }
         Ok(out)
     }
@@ -502,12 +524,17 @@ impl Embedder {
     }
 
     pub fn openai(settings: OpenAiSettings) -> Result<Self, EmbedderError> {
-        Ok(Self { provider: Arc::new(Provider::OpenAi(OpenAiEmbedder::new(settings)?)) })
+        Ok(Self {
+            provider: Arc::new(Provider::OpenAi(OpenAiEmbedder::new(settings)?)),
+        })
     }
 
     /// The embedder the configuration asks for: the local model from
     /// `model_dir`, or OpenAI (which needs the API key).
-    pub fn from_config(model_dir: &Path, config: &EmbeddingProviderConfig) -> Result<Self, EmbedderError> {
+    pub fn from_config(
+        model_dir: &Path,
+        config: &EmbeddingProviderConfig,
+    ) -> Result<Self, EmbedderError> {
         match config.embedding_provider {
             EmbeddingProvider::Local => Self::local(model_dir),
             EmbeddingProvider::Openai => {
@@ -582,7 +609,10 @@ impl Embedder {
             Provider::Local { model, passes } => {
                 // The permit moves into the blocking task: a caller that
                 // gives up does not free the core while the pass still runs.
-                let permit = Arc::clone(passes).acquire_owned().await.expect("the semaphore is never closed");
+                let permit = Arc::clone(passes)
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
                 let model = Arc::clone(model);
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
@@ -623,5 +653,199 @@ mod tests {
             default_model_dir(),
             PathBuf::from("data/models/all-MiniLM-L6-v2")
         );
+    }
+
+    mod openai {
+        use super::super::*;
+        use wiremock::matchers::{body_partial_json, header, method, path};
+        use wiremock::{Mock, MockServer, ResponseTemplate};
+
+        fn settings(server: &MockServer) -> OpenAiSettings {
+            OpenAiSettings {
+                timeout: Duration::from_millis(500),
+                min_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(50),
+                max_retries: 3,
+                ..OpenAiSettings::new(
+                    format!("{}/v1", server.uri()),
+                    "text-embedding-3-small",
+                    SecretString::from("sk-test"),
+                )
+            }
+        }
+
+        fn vector(seed: f32) -> Vec<f32> {
+            (0..EMBEDDING_DIMENSIONS).map(|i| seed + i as f32).collect()
+        }
+
+        fn answer(vectors: &[(usize, Vec<f32>)]) -> serde_json::Value {
+            let data: Vec<_> = vectors
+                .iter()
+                .map(|(index, embedding)| serde_json::json!({"object": "embedding", "index": index, "embedding": embedding}))
+                .collect();
+            serde_json::json!({"object": "list", "data": data, "model": "text-embedding-3-small", "usage": {"prompt_tokens": 4, "total_tokens": 4}})
+        }
+
+        #[tokio::test]
+        async fn asks_for_384_dimensions_and_returns_unit_vectors_in_order() {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .and(path("/v1/embeddings"))
+                .and(header("authorization", "Bearer sk-test"))
+                .and(body_partial_json(serde_json::json!({"model": "text-embedding-3-small", "dimensions": 384, "input": ["a", "b"]})))
+                .respond_with(ResponseTemplate::new(200).set_body_json(answer(&[(1, vector(2.0)), (0, vector(1.0))])))
+                .expect(1)
+                .mount(&server)
+                .await;
+            let embedder = Embedder::openai(settings(&server)).unwrap();
+            assert_eq!(embedder.model_name(), "text-embedding-3-small");
+            let vectors = embedder.embed(vec!["a".into(), "b".into()]).await.unwrap();
+            assert_eq!(vectors.len(), 2);
+            assert_eq!(vectors[0], normalised(vector(1.0)));
+            assert_eq!(vectors[1], normalised(vector(2.0)));
+            let norm: f32 = vectors[0].iter().map(|x| x * x).sum();
+            assert!((norm - 1.0).abs() < 1e-4);
+        }
+
+        #[tokio::test]
+        async fn a_429_with_retry_after_and_a_500_are_retried() {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "0"))
+                .up_to_n_times(1)
+                .expect(1)
+                .with_priority(1)
+                .mount(&server)
+                .await;
+            Mock::given(method("POST"))
+                .respond_with(ResponseTemplate::new(503))
+                .up_to_n_times(1)
+                .expect(1)
+                .with_priority(2)
+                .mount(&server)
+                .await;
+            Mock::given(method("POST"))
+                .respond_with(ResponseTemplate::new(200).set_body_json(answer(&[(0, vector(1.0))])))
+                .expect(1)
+                .with_priority(3)
+                .mount(&server)
+                .await;
+            let embedder = Embedder::openai(settings(&server)).unwrap();
+            let vector = embedder.embed_one("a").await.unwrap();
+            assert_eq!(vector.len(), EMBEDDING_DIMENSIONS);
+        }
+
+        #[tokio::test]
+        async fn a_client_error_is_not_retried_and_the_error_says_transient_or_not() {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(
+                    ResponseTemplate::new(401).set_body_string("{\"error\": \"bad key\"}"),
+                )
+                .expect(1)
+                .mount(&server)
+                .await;
+            let err = Embedder::openai(settings(&server))
+                .unwrap()
+                .embed_one("a")
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, EmbedderError::Status { status: 401, .. }),
+                "{err:?}"
+            );
+            assert!(!err.is_transient());
+            assert!(!err.to_string().contains("sk-test"));
+        }
+
+        #[tokio::test]
+        async fn garbage_and_wrong_dimensions_are_refused_without_retrying() {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(
+                    ResponseTemplate::new(200).set_body_string("<html>proxy error</html>"),
+                )
+                .expect(1)
+                .mount(&server)
+                .await;
+            let err = Embedder::openai(settings(&server))
+                .unwrap()
+                .embed_one("a")
+                .await
+                .unwrap_err();
+            assert!(matches!(err, EmbedderError::InvalidResponse(_)), "{err:?}");
+
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(
+                    ResponseTemplate::new(200).set_body_json(answer(&[(0, vec![1.0; 1536])])),
+                )
+                .expect(1)
+                .mount(&server)
+                .await;
+            let err = Embedder::openai(settings(&server))
+                .unwrap()
+                .embed_one("a")
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("1536"), "{err}");
+        }
+
+        #[tokio::test]
+        async fn a_timeout_is_retried_then_reported() {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(
+                    ResponseTemplate::new(200)
+                        .set_delay(Duration::from_secs(5))
+                        .set_body_json(answer(&[(0, vector(1.0))])),
+                )
+                .expect(2)
+                .mount(&server)
+                .await;
+            let embedder = Embedder::openai(OpenAiSettings {
+                timeout: Duration::from_millis(100),
+                max_retries: 1,
+                ..settings(&server)
+            })
+            .unwrap();
+            let err = embedder.embed_one("a").await.unwrap_err();
+            assert!(matches!(err, EmbedderError::Transport(_)), "{err:?}");
+            assert!(err.is_transient());
+        }
+
+        #[test]
+        fn openai_without_a_key_is_a_configuration_error() {
+            let config = EmbeddingProviderConfig {
+                embedding_provider: EmbeddingProvider::Openai,
+                embedding_openai_base_url: "http://127.0.0.1:1/v1".into(),
+                embedding_openai_model: "text-embedding-3-small".into(),
+                embedding_openai_api_key: None,
+            };
+            let err = Embedder::from_config(Path::new("/nonexistent"), &config).unwrap_err();
+            assert!(
+                err.to_string().contains("EMBEDDING_OPENAI_API_KEY"),
+                "{err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn local_passes_are_bounded_and_given_back() {
+        let dir = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../data/models/all-MiniLM-L6-v2"
+        ));
+        let embedder =
+            Embedder::local_with_passes(LocalEmbedder::load(dir).expect("model files"), 1);
+        assert_eq!(embedder.available_passes(), Some(1));
+        let texts = ["one", "two", "three", "four"];
+        let results =
+            futures::future::join_all(texts.iter().map(|text| embedder.embed_one(text))).await;
+        for (text, result) in texts.iter().zip(results) {
+            let vector = result.unwrap();
+            assert_eq!(vector, embedder.embed_one(text).await.unwrap(), "{text}");
+        }
+        assert_eq!(embedder.available_passes(), Some(1));
     }
 }
