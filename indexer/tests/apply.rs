@@ -865,3 +865,77 @@ async fn mayas_second_call_reinforces_what_the_rules_can_tell() {
     // where the LLM judge is needed.
     assert_eq!((second.created, second.reinforced), (9, 1), "{second:?}");
 }
+
+/// Deduplication uses the one sharing predicate, so the organization's
+/// policy decides what another agent's call may reinforce.
+#[tokio::test]
+async fn the_sharing_policy_decides_what_another_agent_may_reinforce() {
+    for (policy, share_sensitive, memory, expected_reinforced) in [
+        (
+            "all",
+            false,
+            Memory("Maya teaches middle school", Factual, 5),
+            1,
+        ),
+        (
+            "none",
+            false,
+            Memory("Husband Daniel picks up the orders", Relationship, 9),
+            0,
+        ),
+        (
+            "by_importance",
+            true,
+            Memory("Zuri has a severe tree nut allergy", Factual, 10),
+            1,
+        ),
+        (
+            "by_importance",
+            false,
+            Memory("Zuri has a severe tree nut allergy", Factual, 10),
+            0,
+        ),
+    ] {
+        let world = World::create().await;
+        sqlx::query(
+            "UPDATE organizations SET sharing_policy = $2, share_sensitive = $3 WHERE id = $1",
+        )
+        .bind(world.org)
+        .bind(policy)
+        .bind(share_sensitive)
+        .execute(&world.db.admin_pool)
+        .await
+        .unwrap();
+        world.conversation("conv_bakery", BAKERY).await;
+        world.conversation("conv_dental", DENTAL).await;
+        let text = memory.0;
+        done(
+            world
+                .apply(&world.event("conv_bakery", BAKERY, 1, &[memory]))
+                .await,
+        );
+        let outcome = done(
+            world
+                .apply(&world.event(
+                    "conv_dental",
+                    DENTAL,
+                    1,
+                    &[Memory(
+                        text,
+                        MemoryType::parse(&world.memory(text).await.memory_type).unwrap(),
+                        5,
+                    )],
+                ))
+                .await,
+        );
+        assert_eq!(
+            outcome.reinforced, expected_reinforced,
+            "{policy} share_sensitive={share_sensitive}: {outcome:?}"
+        );
+        assert_eq!(
+            outcome.created,
+            1 - expected_reinforced,
+            "{policy}: {outcome:?}"
+        );
+    }
+}
