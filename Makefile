@@ -5,7 +5,7 @@
 DEMO_ORG ?= fixture-org-a
 DEMO_SECRET ?= whsec_fixture_0123456789abcdef0123456789abcdef
 
-.PHONY: run test setup migrate check
+.PHONY: run test setup migrate check validate-deploy
 
 ## Install/start what is missing (NATS, Postgres + pgvector, the embedding model).
 setup:
@@ -25,8 +25,12 @@ check:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
+## Render and validate the deployment manifests offline.
+validate-deploy:
+	bash deploy/validate.sh
+
 ## Every test, against the real NATS and Postgres.
-test: setup check
+test: setup check validate-deploy
 	@if cargo nextest --version >/dev/null 2>&1; then \
 		cargo nextest run --workspace --no-fail-fast; \
 	else \

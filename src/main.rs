@@ -33,9 +33,9 @@ enum Command {
     /// Run all four services in one process (for a laptop or a demo).
     Run(Box<RunArgs>),
     /// Run the webhook receiver.
-    Ingest(elaaoms_ingest::Config),
+    Ingest(Box<elaaoms_ingest::Config>),
     /// Run the extraction worker.
-    Extractor(elaaoms_extractor::Config),
+    Extractor(Box<elaaoms_extractor::Config>),
     /// Run the indexing worker.
     Indexer(IndexerArgs),
     /// Run the query API.
@@ -111,13 +111,13 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Run(args) => run_all(*args).await,
         Command::Ingest(config) => {
-            let service = elaaoms_ingest::IngestService::build(config)
+            let service = elaaoms_ingest::IngestService::build(*config)
                 .await
                 .context("starting ingest")?;
             service.run(shutdown_signal()).await.context("ingest")
         }
         Command::Extractor(config) => {
-            let service = elaaoms_extractor::ExtractorService::build(config)
+            let service = elaaoms_extractor::ExtractorService::build(*config)
                 .await
                 .context("starting the extractor")?;
             service.run(shutdown_signal()).await.context("extractor")

@@ -19,7 +19,10 @@ const SLUG: &str = "scaling-org";
 const SECRET: &str = "whsec_scaling_0123456789abcdef0123456789abcdef";
 
 fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Workers {
@@ -35,8 +38,18 @@ impl Drop for Workers {
     }
 }
 
-fn spawn_worker(kind: &str, index: usize, database: &TestDatabase, bus: &TestBus, payloads: &std::path::Path) -> Child {
-    let health_var = if kind == "extractor" { "EXTRACTOR_HEALTH_ADDR" } else { "INDEXER_HEALTH_ADDR" };
+fn spawn_worker(
+    kind: &str,
+    index: usize,
+    database: &TestDatabase,
+    bus: &TestBus,
+    payloads: &std::path::Path,
+) -> Child {
+    let health_var = if kind == "extractor" {
+        "EXTRACTOR_HEALTH_ADDR"
+    } else {
+        "INDEXER_HEALTH_ADDR"
+    };
     Command::new(env!("CARGO_BIN_EXE_elaaoms"))
         .arg(kind)
         .env("DATABASE_URL", database.service_url.expose_secret())
@@ -45,7 +58,10 @@ fn spawn_worker(kind: &str, index: usize, database: &TestDatabase, bus: &TestBus
         .env("STREAM_MAX_BYTES", bus.config.stream_max_bytes.to_string())
         .env(health_var, "127.0.0.1:0")
         .env("PAYLOAD_DIR", payloads)
-        .env("EMBEDDING_MODEL_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/data/models/all-MiniLM-L6-v2"))
+        .env(
+            "EMBEDDING_MODEL_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/data/models/all-MiniLM-L6-v2"),
+        )
         .env("WORKER_ACK_WAIT", "5s")
         .env("WORKER_RETRY_DELAYS", "500ms")
         .env("WORKER_MAX_ATTEMPTS", "10")
@@ -92,16 +108,22 @@ async fn workers_share_the_load_and_survive_being_killed() {
     })
     .await
     .expect("ingest starts");
-    let webhook_url = format!("http://{}/v1/webhooks/elevenlabs/{SLUG}", ingest.local_addr());
+    let webhook_url = format!(
+        "http://{}/v1/webhooks/elevenlabs/{SLUG}",
+        ingest.local_addr()
+    );
     let shutdown = CancellationToken::new();
     let ingest_task = tokio::spawn(ingest.run(shutdown.clone()));
 
-    let mut workers = Workers { children: Vec::new() };
+    let mut workers = Workers {
+        children: Vec::new(),
+    };
     for index in 0..workers_per_kind {
         for kind in ["extractor", "indexer"] {
-            workers
-                .children
-                .push((kind.to_owned(), spawn_worker(kind, index, &database, &bus, payloads.path())));
+            workers.children.push((
+                kind.to_owned(),
+                spawn_worker(kind, index, &database, &bus, payloads.path()),
+            ));
         }
     }
 
@@ -113,7 +135,10 @@ async fn workers_share_the_load_and_survive_being_killed() {
     ]
     .iter()
     .map(|name| {
-        let path = format!("{}/tests/fixtures/elevenlabs/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/elevenlabs/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     })
     .collect();
@@ -124,7 +149,8 @@ async fn workers_share_the_load_and_survive_being_killed() {
         body["data"]["conversation_id"] = format!("conv_scale_{i:05}").into();
         body["data"]["metadata"]["phone_call"]["external_number"] = format!("+1555{i:07}").into();
         let body = serde_json::to_vec(&body).unwrap();
-        let signature = elaaoms_ingest::signature::sign(SECRET, chrono::Utc::now().timestamp(), &body);
+        let signature =
+            elaaoms_ingest::signature::sign(SECRET, chrono::Utc::now().timestamp(), &body);
         let response = client
             .post(&webhook_url)
             .header("elevenlabs-signature", signature)
@@ -138,18 +164,28 @@ async fn workers_share_the_load_and_survive_being_killed() {
     // Halfway, one extractor and one indexer die without warning.
     let deadline = Instant::now() + Duration::from_secs(900);
     while completed(&database).await < (transcripts / 2) as i64 {
-        assert!(Instant::now() < deadline, "half the transcripts not done in time");
+        assert!(
+            Instant::now() < deadline,
+            "half the transcripts not done in time"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if workers_per_kind > 1 {
         for kind in ["extractor", "indexer"] {
-            let (_, child) = workers.children.iter_mut().find(|(k, _)| k == kind).unwrap();
+            let (_, child) = workers
+                .children
+                .iter_mut()
+                .find(|(k, _)| k == kind)
+                .unwrap();
             child.kill().expect("SIGKILL a worker");
             child.wait().unwrap();
         }
     }
     while completed(&database).await < transcripts as i64 {
-        assert!(Instant::now() < deadline, "not every transcript completed in time");
+        assert!(
+            Instant::now() < deadline,
+            "not every transcript completed in time"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let elapsed = started.elapsed();
@@ -159,13 +195,16 @@ async fn workers_share_the_load_and_survive_being_killed() {
         transcripts as f64 / elapsed.as_secs_f64()
     );
 
-    let applied: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT count(*), count(DISTINCT conversation_id) FROM applied_extractions",
-    )
-    .fetch_all(&database.admin_pool)
-    .await
-    .unwrap();
-    assert_eq!(applied, vec![(transcripts as i64, transcripts as i64)], "each extraction applied once");
+    let applied: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT count(*), count(DISTINCT conversation_id) FROM applied_extractions")
+            .fetch_all(&database.admin_pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        applied,
+        vec![(transcripts as i64, transcripts as i64)],
+        "each extraction applied once"
+    );
     let duplicated: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT caller_id, content FROM memories GROUP BY 1, 2 HAVING count(*) > 1) d",
     )

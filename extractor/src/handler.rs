@@ -509,6 +509,26 @@ impl ExtractHandler {
         Ok(())
     }
 
+    /// A transcript too large for a JetStream message travels by reference
+    /// to its stored payload: read the turns from there, so it is extracted
+    /// like any other (never silently as empty).
+    async fn resolve_payload_ref(
+        &self,
+        event: &mut Envelope<ConversationTranscribed>,
+    ) -> Result<(), HandlerError> {
+        if event.payload.payload_ref.is_none() || !event.payload.turns.is_empty() {
+            return Ok(());
+        }
+        let body = self
+            .payloads
+            .get(&event.payload.conversation_id, PayloadKind::Transcription)
+            .await
+            .map_err(|err| HandlerError::transient(&err))?;
+        event.payload.turns = elaaoms_shared::transcript::turns_of_payload(&body)
+            .map_err(|err| HandlerError::permanent(&err))?;
+        Ok(())
+    }
+
     async fn dlq_size(&self) -> Option<u64> {
         let mut stream = self
             .bus
@@ -522,7 +542,8 @@ impl ExtractHandler {
 
 impl Handler for ExtractHandler {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
-        let event = Self::decode(delivery)?;
+        let mut event = Self::decode(delivery)?;
+        self.resolve_payload_ref(&mut event).await?;
         let transcript = &event.payload;
         let context = self.context(&event).await?;
         if context.erased {

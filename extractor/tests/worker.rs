@@ -794,3 +794,61 @@ async fn a_dead_letter_replay_completes_once() {
     assert_eq!(extracted.len(), 1, "one extracted event, at generation 2");
     harness.bus.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_transcript_sent_by_reference_is_read_from_the_payload_store() {
+    let harness = Harness::new().await;
+    let organization = harness
+        .organization("bakery-by-reference", "rules", None)
+        .await;
+    let conversation_id = "conv_wxgkkg26wh6wcecpnv68bert84";
+    harness
+        .conversation(organization, conversation_id, "+14155550123")
+        .await;
+    // What ingest stored, and an event too large to carry the turns.
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/elevenlabs/post_call_transcription_bakery_maya_2025-11-03.json"
+    ))
+    .unwrap();
+    let dir = harness.payloads.path().join(conversation_id);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{conversation_id}_transcription.json")),
+        fixture,
+    )
+    .unwrap();
+    let payload = ConversationTranscribed {
+        conversation_id: conversation_id.to_owned(),
+        agent_id: AGENT.to_owned(),
+        caller_id: "+14155550123".to_owned(),
+        started_at: chrono::Utc::now(),
+        turns: Vec::new(),
+        payload_ref: Some(format!(
+            "{conversation_id}/{conversation_id}_transcription.json"
+        )),
+    };
+    let bus = &harness.bus.bus;
+    bus.publish(
+        &bus.names.subject(Step::Transcribed),
+        &event_msg_id(organization, conversation_id, Step::Transcribed, 1),
+        organization,
+        Bytes::from(Envelope::new(organization, 1, payload).encode().unwrap()),
+    )
+    .await
+    .unwrap();
+    let running = harness.start(ExtractorSettings::default(), 3).await;
+
+    let event = harness.wait_for_extracted(conversation_id, 1).await;
+    assert!(
+        event
+            .payload
+            .memories
+            .iter()
+            .any(|memory| memory.content.as_str().contains("tree nut allergy")),
+        "the turns came from the payload file: {:?}",
+        event.payload.memories
+    );
+    running.stop().await;
+    harness.bus.cleanup().await;
+}

@@ -12,9 +12,8 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use chrono::{DateTime, TimeZone, Utc};
-use elaaoms_shared::domain::{
-    AgentId, CallerId, ConversationId, Speaker, TranscriptTurn, ValidationError,
-};
+use elaaoms_shared::domain::{AgentId, CallerId, ConversationId, TranscriptTurn, ValidationError};
+use elaaoms_shared::transcript::{normalise_turns, RawTurn};
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
@@ -146,19 +145,6 @@ struct RawTranscription {
     conversation_initiation_client_data: Option<RawInitiationData>,
 }
 
-#[derive(Deserialize)]
-struct RawTranscriptOnly {
-    #[serde(default)]
-    transcript: Vec<RawTurn>,
-}
-
-#[derive(Deserialize)]
-struct RawTurn {
-    role: String,
-    message: Option<String>,
-    time_in_call_secs: Option<f64>,
-}
-
 #[derive(Deserialize, Default)]
 struct RawMetadata {
     start_time_unix_secs: Option<i64>,
@@ -268,38 +254,8 @@ pub fn parse_webhook_with(body: &[u8], options: &ParseOptions) -> Result<Webhook
     }
 }
 
-/// The normalised turns of a stored `post_call_transcription` payload: what
-/// a consumer reads when an event carries a `payload_ref` instead of turns.
-pub fn transcript_turns(body: &[u8]) -> Result<Vec<TranscriptTurn>, WebhookError> {
-    if nesting_exceeds(body, MAX_JSON_DEPTH) {
-        return Err(WebhookError::TooDeep);
-    }
-    let outer: Outer<RawTranscriptOnly> = serde_json::from_slice(body)?;
-    Ok(normalise_turns(outer.data.transcript))
-}
-
 fn non_empty(value: Option<String>) -> Option<String> {
     value.filter(|v| !v.trim().is_empty())
-}
-
-fn normalise_turns(raw: Vec<RawTurn>) -> Vec<TranscriptTurn> {
-    raw.into_iter()
-        .filter_map(|turn| {
-            let message = turn.message?.trim().to_owned();
-            if message.is_empty() {
-                return None;
-            }
-            let speaker = match turn.role.as_str() {
-                "user" => Speaker::User,
-                _ => Speaker::Agent,
-            };
-            Some(TranscriptTurn {
-                speaker,
-                message,
-                time_in_call_secs: turn.time_in_call_secs,
-            })
-        })
-        .collect()
 }
 
 fn parse_transcription(
@@ -570,7 +526,10 @@ mod tests {
         let Webhook::Transcription(tom) = parse_webhook(&body).unwrap() else {
             panic!("expected a transcription");
         };
-        assert_eq!(transcript_turns(&body).unwrap(), tom.turns);
+        assert_eq!(
+            elaaoms_shared::transcript::turns_of_payload(&body).unwrap(),
+            tom.turns
+        );
     }
 
     /// A fuzz-like loop: thousands of mutated fixtures and random bytes
@@ -620,7 +579,7 @@ mod tests {
                 }
             }
             let _ = parse_webhook(&body);
-            let _ = transcript_turns(&body);
+            let _ = elaaoms_shared::transcript::turns_of_payload(&body);
         }
     }
 

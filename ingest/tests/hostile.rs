@@ -611,7 +611,7 @@ async fn a_transcript_too_large_for_a_message_travels_by_reference() {
         format!("{MAYA_CONVERSATION}/{MAYA_CONVERSATION}_transcription.json")
     );
     let stored = std::fs::read(harness.payloads.path().join(&key)).unwrap();
-    let turns = elaaoms_ingest::webhook::transcript_turns(&stored).unwrap();
+    let turns = elaaoms_shared::transcript::turns_of_payload(&stored).unwrap();
     assert_eq!(turns.len(), 800);
     assert!(turns[799].message.starts_with("799: "));
     harness.stop().await;

@@ -27,7 +27,9 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(number)),
         "m" => Ok(Duration::from_secs(number * 60)),
         "h" => Ok(Duration::from_secs(number * 3600)),
-        _ => Err(format!("`{value}` has unknown unit `{unit}`: use ms, s, m or h")),
+        _ => Err(format!(
+            "`{value}` has unknown unit `{unit}`: use ms, s, m or h"
+        )),
     }
 }
 
@@ -122,7 +124,11 @@ pub struct PayloadStoreConfig {
 pub struct EmbeddingConfig {
     /// Directory with all-MiniLM-L6-v2's model.safetensors, tokenizer.json
     /// and config.json (installed by deploy/local/setup.sh).
-    #[arg(long, env = "EMBEDDING_MODEL_DIR", default_value = "data/models/all-MiniLM-L6-v2")]
+    #[arg(
+        long,
+        env = "EMBEDDING_MODEL_DIR",
+        default_value = "data/models/all-MiniLM-L6-v2"
+    )]
     pub embedding_model_dir: PathBuf,
 }
 

@@ -69,7 +69,10 @@ async fn connect(url: &SecretString, max_connections: u32) -> Result<PgPool, DbE
 
 /// The services' pool. Refuses a role that would bypass row-level security:
 /// superusers and BYPASSRLS roles ignore every policy, even `FORCE`d ones.
-pub async fn connect_service_pool(url: &SecretString, max_connections: u32) -> Result<PgPool, DbError> {
+pub async fn connect_service_pool(
+    url: &SecretString,
+    max_connections: u32,
+) -> Result<PgPool, DbError> {
     let pool = connect(url, max_connections).await?;
     let (role, privileged): (String, bool) = sqlx::query_as(
         "SELECT rolname::text, rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
@@ -102,16 +105,20 @@ pub async fn ensure_database_exists(admin_url: &SecretString) -> Result<(), DbEr
             target: describe_url(admin_url),
             source,
         })?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&database)
-        .fetch_one(&maintenance)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&database)
+            .fetch_one(&maintenance)
+            .await?;
     if !exists {
         let create: String = sqlx::query_scalar("SELECT format('CREATE DATABASE %I', $1::text)")
             .bind(&database)
             .fetch_one(&maintenance)
             .await?;
-        match sqlx::query(AssertSqlSafe(create)).execute(&maintenance).await {
+        match sqlx::query(AssertSqlSafe(create))
+            .execute(&maintenance)
+            .await
+        {
             Ok(_) => tracing::info!(database, "created database"),
             // Another process created it at the same moment.
             Err(sqlx::Error::Database(err)) if err.code().as_deref() == Some("42P04") => {}
@@ -131,18 +138,24 @@ pub async fn migrate(admin_pool: &PgPool) -> Result<(), DbError> {
 /// Makes DATABASE_URL's user a login role that is a member of the service
 /// group role (creating it with the URL's password when it does not exist).
 /// Roles are cluster-wide, so a concurrent creation is tolerated.
-pub async fn ensure_service_login_role(admin_pool: &PgPool, service_url: &SecretString) -> Result<(), DbError> {
+pub async fn ensure_service_login_role(
+    admin_pool: &PgPool,
+    service_url: &SecretString,
+) -> Result<(), DbError> {
     let parsed = url::Url::parse(service_url.expose_secret())
         .map_err(|err| DbError::InvalidUrl(format!("DATABASE_URL: {err}")))?;
     let user = percent_decode(parsed.username());
     if user.is_empty() {
-        return Err(DbError::InvalidUrl("DATABASE_URL has no user name".to_owned()));
+        return Err(DbError::InvalidUrl(
+            "DATABASE_URL has no user name".to_owned(),
+        ));
     }
     let password = parsed.password().map(percent_decode);
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-        .bind(&user)
-        .fetch_one(admin_pool)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(&user)
+            .fetch_one(admin_pool)
+            .await?;
     if !exists {
         // Identifiers and literals cannot be bound; format() quotes them.
         let create: String = sqlx::query_scalar(
@@ -163,7 +176,9 @@ pub async fn ensure_service_login_role(admin_pool: &PgPool, service_url: &Secret
         .bind(&user)
         .fetch_one(admin_pool)
         .await?;
-    sqlx::query(AssertSqlSafe(grant)).execute(admin_pool).await?;
+    sqlx::query(AssertSqlSafe(grant))
+        .execute(admin_pool)
+        .await?;
     Ok(())
 }
 
@@ -177,7 +192,10 @@ fn percent_decode(value: &str) -> String {
 /// security lets it see and write that organization's rows only. The setting
 /// is transaction-local, so the pooled connection forgets it at commit or
 /// rollback. All tenant data goes through here.
-pub async fn begin_org_tx(pool: &PgPool, organization_id: Uuid) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+pub async fn begin_org_tx(
+    pool: &PgPool,
+    organization_id: Uuid,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('app.organization_id', $1, true)")
         .bind(organization_id.to_string())

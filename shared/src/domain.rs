@@ -203,7 +203,10 @@ impl Importance {
 
     pub fn new(value: i64) -> Result<Self, ValidationError> {
         if !(1..=10).contains(&value) {
-            return Err(ValidationError::new("importance", "must be between 1 and 10"));
+            return Err(ValidationError::new(
+                "importance",
+                "must be between 1 and 10",
+            ));
         }
         Ok(Self(value as u8))
     }
@@ -238,7 +241,10 @@ pub struct Confidence(f64);
 impl Confidence {
     pub fn new(value: f64) -> Result<Self, ValidationError> {
         if !(0.0..=1.0).contains(&value) {
-            return Err(ValidationError::new("confidence", "must be between 0.0 and 1.0"));
+            return Err(ValidationError::new(
+                "confidence",
+                "must be between 0.0 and 1.0",
+            ));
         }
         Ok(Self(value))
     }
@@ -332,7 +338,10 @@ impl ResultLimit {
 
     pub fn new(value: i64) -> Result<Self, ValidationError> {
         if !(1..=100).contains(&value) {
-            return Err(ValidationError::new("result_limit", "must be between 1 and 100"));
+            return Err(ValidationError::new(
+                "result_limit",
+                "must be between 1 and 100",
+            ));
         }
         Ok(Self(value as u8))
     }
@@ -382,7 +391,10 @@ impl CallTiming {
     ) -> Result<Self, ValidationError> {
         if let Some(end) = end_time {
             if end < start_time {
-                return Err(ValidationError::new("end_time", "must not be before start_time"));
+                return Err(ValidationError::new(
+                    "end_time",
+                    "must not be before start_time",
+                ));
             }
         }
         if let Some(duration) = duration_secs {
@@ -438,7 +450,9 @@ impl ConversationStatus {
     pub fn can_be_created_as(self) -> bool {
         matches!(
             self,
-            ConversationStatus::Initiated | ConversationStatus::Completed | ConversationStatus::Failed
+            ConversationStatus::Initiated
+                | ConversationStatus::Completed
+                | ConversationStatus::Failed
         )
     }
 
@@ -464,7 +478,10 @@ impl ConversationStatus {
 
     /// Every state from which `next` may be reached: the `ANY($allowed)` of
     /// the SQL update, derived from the one Rust rule.
-    pub fn allowed_predecessors(next: ConversationStatus, kind: TransitionKind) -> Vec<ConversationStatus> {
+    pub fn allowed_predecessors(
+        next: ConversationStatus,
+        kind: TransitionKind,
+    ) -> Vec<ConversationStatus> {
         Self::ALL
             .into_iter()
             .filter(|from| from.can_transition_to(next, kind))
@@ -535,14 +552,19 @@ mod tests {
         assert!(AgentId::new("").is_err());
         assert!(ConversationId::new("x".repeat(MAX_ID_CHARS + 1)).is_err());
         assert!(CallerId::new("+1\n555").is_err());
-        assert_eq!(CallerId::new(" +14155550123 ").unwrap().as_str(), "+14155550123");
+        assert_eq!(
+            CallerId::new(" +14155550123 ").unwrap().as_str(),
+            "+14155550123"
+        );
     }
 
     #[test]
     fn ids_validate_when_deserialized() {
         assert!(serde_json::from_str::<CallerId>("\"\"").is_err());
         assert_eq!(
-            serde_json::from_str::<AgentId>("\"agent_1\"").unwrap().as_str(),
+            serde_json::from_str::<AgentId>("\"agent_1\"")
+                .unwrap()
+                .as_str(),
             "agent_1"
         );
     }
@@ -591,7 +613,9 @@ mod tests {
         let start = Utc::now();
         let before = start - chrono::Duration::seconds(1);
         assert_eq!(
-            CallTiming::new(start, Some(before), None).unwrap_err().field,
+            CallTiming::new(start, Some(before), None)
+                .unwrap_err()
+                .field,
             "end_time"
         );
         assert_eq!(

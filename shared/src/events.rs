@@ -18,7 +18,7 @@ pub struct ConversationTranscribed {
     pub turns: Vec<TranscriptTurn>,
     /// The payload-store key (`{conversation_id}/{conversation_id}_transcription.json`)
     /// of a transcript too large to travel inline. A consumer that sees it
-    /// reads the file and normalises its turns (`elaaoms_ingest::webhook::transcript_turns`).
+    /// reads the file and normalises its turns (`transcript::turns_of_payload`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_ref: Option<String>,
 }

@@ -40,19 +40,31 @@ impl ApiError {
     /// failed on our side.
     pub fn internal(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
         tracing::error!(error = crate::bus::consumer::error_chain(err), "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     }
 
     /// A dependency (database, payload store) is down: worth retrying.
     pub fn unavailable(context: &str, err: &(dyn std::error::Error + 'static)) -> Self {
         tracing::error!(error = crate::bus::consumer::error_chain(err), "{context}");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "temporarily unavailable, retry later")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "temporarily unavailable, retry later",
+        )
     }
 }
 
 impl From<ValidationError> for ApiError {
     fn from(err: ValidationError) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", err.to_string())
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            err.to_string(),
+        )
     }
 }
 

@@ -13,6 +13,7 @@ pub mod http;
 pub mod payload_store;
 pub mod sharing;
 pub mod telemetry;
-pub mod worker;
 #[cfg(feature = "test-support")]
 pub mod test_support;
+pub mod transcript;
+pub mod worker;

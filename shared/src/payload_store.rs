@@ -54,7 +54,11 @@ impl PayloadStore {
         Self { root: root.into() }
     }
 
-    pub fn path_of(&self, conversation_id: &str, kind: PayloadKind) -> Result<PathBuf, PayloadStoreError> {
+    pub fn path_of(
+        &self,
+        conversation_id: &str,
+        kind: PayloadKind,
+    ) -> Result<PathBuf, PayloadStoreError> {
         let safe = !conversation_id.is_empty()
             && conversation_id.len() <= 256
             && conversation_id
@@ -71,13 +75,25 @@ impl PayloadStore {
 
     /// The store-relative key of a payload (`{id}/{id}_transcription.json`):
     /// what events carry when they refer to a payload instead of embedding it.
-    pub fn key_of(&self, conversation_id: &str, kind: PayloadKind) -> Result<String, PayloadStoreError> {
+    pub fn key_of(
+        &self,
+        conversation_id: &str,
+        kind: PayloadKind,
+    ) -> Result<String, PayloadStoreError> {
         self.path_of(conversation_id, kind)?;
-        Ok(format!("{conversation_id}/{conversation_id}_{}", kind.file_suffix()))
+        Ok(format!(
+            "{conversation_id}/{conversation_id}_{}",
+            kind.file_suffix()
+        ))
     }
 
     /// Writes the file atomically and durably; an existing file is replaced.
-    pub async fn put(&self, conversation_id: &str, kind: PayloadKind, bytes: Vec<u8>) -> Result<PathBuf, PayloadStoreError> {
+    pub async fn put(
+        &self,
+        conversation_id: &str,
+        kind: PayloadKind,
+        bytes: Vec<u8>,
+    ) -> Result<PathBuf, PayloadStoreError> {
         let path = self.path_of(conversation_id, kind)?;
         let target = path.clone();
         tokio::task::spawn_blocking(move || write_durably(&target, &bytes))
@@ -89,7 +105,11 @@ impl PayloadStore {
         Ok(path)
     }
 
-    pub async fn get(&self, conversation_id: &str, kind: PayloadKind) -> Result<Vec<u8>, PayloadStoreError> {
+    pub async fn get(
+        &self,
+        conversation_id: &str,
+        kind: PayloadKind,
+    ) -> Result<Vec<u8>, PayloadStoreError> {
         let path = self.path_of(conversation_id, kind)?;
         tokio::fs::read(&path)
             .await
@@ -102,7 +122,9 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let temporary = dir.join(format!(
         ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("payload"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("payload"),
         uuid::Uuid::new_v4()
     ));
     let result = (|| {
@@ -128,23 +150,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = PayloadStore::local(dir.path());
         let path = store
-            .put("conv_abc", PayloadKind::Transcription, b"{\"a\":1}".to_vec())
+            .put(
+                "conv_abc",
+                PayloadKind::Transcription,
+                b"{\"a\":1}".to_vec(),
+            )
             .await
             .unwrap();
         assert!(path.ends_with("conv_abc/conv_abc_transcription.json"));
         assert_eq!(
-            store.key_of("conv_abc", PayloadKind::Transcription).unwrap(),
+            store
+                .key_of("conv_abc", PayloadKind::Transcription)
+                .unwrap(),
             "conv_abc/conv_abc_transcription.json"
         );
         store
-            .put("conv_abc", PayloadKind::Transcription, b"{\"a\":2}".to_vec())
+            .put(
+                "conv_abc",
+                PayloadKind::Transcription,
+                b"{\"a\":2}".to_vec(),
+            )
             .await
             .unwrap();
         assert_eq!(
-            store.get("conv_abc", PayloadKind::Transcription).await.unwrap(),
+            store
+                .get("conv_abc", PayloadKind::Transcription)
+                .await
+                .unwrap(),
             b"{\"a\":2}"
         );
-        let entries: Vec<_> = std::fs::read_dir(dir.path().join("conv_abc")).unwrap().collect();
+        let entries: Vec<_> = std::fs::read_dir(dir.path().join("conv_abc"))
+            .unwrap()
+            .collect();
         assert_eq!(entries.len(), 1, "no temporary file left behind");
     }
 

@@ -62,7 +62,10 @@ async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
         }
     }
     if problems.is_empty() {
-        (StatusCode::OK, Json(serde_json::json!({ "status": "ready" })))
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "status": "ready" })),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -88,7 +91,10 @@ async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
 }
 
 /// Registers a metric, panicking on a programming error (a duplicate name).
-pub fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+pub fn register<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
     registry
         .register(Box::new(metric.clone()))
         .expect("metric names are unique per registry");

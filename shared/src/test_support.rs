@@ -60,10 +60,12 @@ impl TestDatabase {
             .expect("connect to Postgres as admin: is it running? (deploy/local/setup.sh)");
         let template = ensure_template(&maintenance, &server).await;
         let name = format!("elaaoms_test_{}_{}", now_secs(), random_suffix());
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name} TEMPLATE {template}")))
-            .execute(&maintenance)
-            .await
-            .expect("create test database from template");
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE DATABASE {name} TEMPLATE {template}"
+        )))
+        .execute(&maintenance)
+        .await
+        .expect("create test database from template");
         maintenance.close().await;
 
         let admin_options = server.clone().database(&name);
@@ -94,12 +96,14 @@ impl TestDatabase {
     /// Creates an organization through the admin role, as `elaaoms org
     /// create` does, and returns its id.
     pub async fn create_organization(&self, slug: &str, hmac_secret: &str) -> uuid::Uuid {
-        sqlx::query_scalar("INSERT INTO organizations (slug, name, hmac_secret) VALUES ($1, $1, $2) RETURNING id")
-            .bind(slug)
-            .bind(hmac_secret)
-            .fetch_one(&self.admin_pool)
-            .await
-            .expect("insert organization")
+        sqlx::query_scalar(
+            "INSERT INTO organizations (slug, name, hmac_secret) VALUES ($1, $1, $2) RETURNING id",
+        )
+        .bind(slug)
+        .bind(hmac_secret)
+        .fetch_one(&self.admin_pool)
+        .await
+        .expect("insert organization")
     }
 }
 
@@ -120,11 +124,12 @@ async fn ensure_template(maintenance: &PgPool, server: &PgConnectOptions) -> Str
         .execute(&mut *conn)
         .await
         .expect("advisory lock");
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&template)
-        .fetch_one(&mut *conn)
-        .await
-        .expect("look up template");
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&template)
+            .fetch_one(&mut *conn)
+            .await
+            .expect("look up template");
     if !exists {
         drop_stale_databases(&mut conn).await;
         let building = format!("{template}_building");
@@ -141,7 +146,9 @@ async fn ensure_template(maintenance: &PgPool, server: &PgConnectOptions) -> Str
             .connect_with(server.clone().database(&building))
             .await
             .expect("connect to template database");
-        db::migrate(&admin).await.expect("migrate template database");
+        db::migrate(&admin)
+            .await
+            .expect("migrate template database");
         let service_url = SecretString::from(
             server
                 .clone()
@@ -154,10 +161,12 @@ async fn ensure_template(maintenance: &PgPool, server: &PgConnectOptions) -> Str
             .await
             .expect("create the test service role");
         admin.close().await;
-        sqlx::query(AssertSqlSafe(format!("ALTER DATABASE {building} RENAME TO {template}")))
-            .execute(&mut *conn)
-            .await
-            .expect("publish template database");
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER DATABASE {building} RENAME TO {template}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .expect("publish template database");
     }
     sqlx::query("SELECT pg_advisory_unlock(7345001)")
         .execute(&mut *conn)
@@ -186,9 +195,11 @@ async fn drop_stale_databases(conn: &mut sqlx::PgConnection) {
             None => true,
         };
         if stale {
-            let _ = sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                .execute(&mut *conn)
-                .await;
+            let _ = sqlx::query(AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut *conn)
+            .await;
         }
     }
 }
@@ -202,7 +213,8 @@ pub struct TestBus {
 impl TestBus {
     pub async fn create() -> Self {
         let config = BusConfig {
-            nats_url: std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
+            nats_url: std::env::var("NATS_URL")
+                .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
             bus_namespace: format!("t{}x{}", now_secs(), random_suffix()),
             stream_max_bytes: 64 << 20,
         };
@@ -228,7 +240,12 @@ impl TestBus {
 
 async fn delete_stale_streams(bus: &Bus) {
     use futures::TryStreamExt;
-    let Ok(names) = bus.jetstream.stream_names().try_collect::<Vec<String>>().await else {
+    let Ok(names) = bus
+        .jetstream
+        .stream_names()
+        .try_collect::<Vec<String>>()
+        .await
+    else {
         return;
     };
     let cutoff = now_secs().saturating_sub(STALE_AFTER_SECS);

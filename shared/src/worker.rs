@@ -26,7 +26,9 @@ pub struct Worker<H: Handler> {
 
 impl<H: Handler> Worker<H> {
     pub fn health_addr(&self) -> SocketAddr {
-        self.health_listener.local_addr().expect("bound listener has an address")
+        self.health_listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// Consumes until `shutdown`, then finishes in-flight messages and stops
@@ -42,7 +44,9 @@ impl<H: Handler> Worker<H> {
         let stop_health = health_shutdown.clone().cancelled_owned();
         let listener = self.health_listener;
         let health = tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(stop_health).await
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop_health)
+                .await
         });
         tracing::info!(worker = self.name, "worker started");
         let consumed = run_consumer(self.bus, self.settings, self.handler, shutdown).await;

@@ -17,10 +17,12 @@ use async_nats::jetstream::consumer::{self, PullConsumer};
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use elaaoms_shared::bus::consumer::{run_consumer, ConsumerSettings, Delivery, Handler, HandlerError};
+use elaaoms_shared::bus::consumer::{
+    run_consumer, ConsumerSettings, Delivery, Handler, HandlerError,
+};
 use elaaoms_shared::bus::{
-    Bus, BusError, Step, DLQ_ATTEMPTS_HEADER, DLQ_ORIGINAL_SEQUENCE_HEADER, DLQ_ORIGINAL_SUBJECT_HEADER,
-    DLQ_REASON_HEADER, DLQ_SERVICE_HEADER, ORGANIZATION_HEADER,
+    Bus, BusError, Step, DLQ_ATTEMPTS_HEADER, DLQ_ORIGINAL_SEQUENCE_HEADER,
+    DLQ_ORIGINAL_SUBJECT_HEADER, DLQ_REASON_HEADER, DLQ_SERVICE_HEADER, ORGANIZATION_HEADER,
 };
 use elaaoms_shared::test_support::TestBus;
 use tokio::task::JoinHandle;
@@ -44,7 +46,11 @@ macro_rules! wait_until {
             if $cond {
                 break;
             }
-            assert!(Instant::now() < deadline, "timed out after {WAIT:?} waiting for {}", $what);
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for {}",
+                $what
+            );
             tokio::time::sleep(POLL).await;
         }
     }};
@@ -137,7 +143,10 @@ impl TestHandler {
     }
 
     fn calls_of(&self, prefix: &str) -> Vec<Call> {
-        self.calls().into_iter().filter(|c| c.payload.starts_with(prefix)).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.payload.starts_with(prefix))
+            .collect()
     }
 
     fn attempts(&self) -> Vec<u64> {
@@ -164,7 +173,12 @@ impl Handler for TestHandler {
             });
             calls.len() - 1
         };
-        let transient = || Err(HandlerError::Transient(format!("{TRANSIENT_REASON} (attempt {})", delivery.attempt)));
+        let transient = || {
+            Err(HandlerError::Transient(format!(
+                "{TRANSIENT_REASON} (attempt {})",
+                delivery.attempt
+            )))
+        };
         let outcome = match Script::of(&payload) {
             Script::Ok => Ok(()),
             Script::TransientOnce if delivery.attempt == 1 => transient(),
@@ -173,7 +187,9 @@ impl Handler for TestHandler {
             Script::FailPermanent => Err(HandlerError::Permanent(PERMANENT_REASON.to_owned())),
             Script::PanicOnce if delivery.attempt == 1 => panic!("scripted panic"),
             Script::PanicOnce => Ok(()),
-            Script::HangOnLast if delivery.attempt == self.max_attempts => std::future::pending().await,
+            Script::HangOnLast if delivery.attempt == self.max_attempts => {
+                std::future::pending().await
+            }
             Script::HangOnLast => transient(),
             Script::Slow => {
                 tokio::time::sleep(SLOW_HANDLER).await;
@@ -199,7 +215,9 @@ impl Handler for TestHandler {
             failed: fail,
         });
         if fail {
-            Err(HandlerError::Transient("failure store unavailable".to_owned()))
+            Err(HandlerError::Transient(
+                "failure store unavailable".to_owned(),
+            ))
         } else {
             Ok(())
         }
@@ -266,8 +284,15 @@ async fn publish(bus: &Bus, msg_id: &str, organization_id: Uuid, body: &str) -> 
 
 /// The durable consumer's state, or None before the worker has created it.
 async fn consumer_info(bus: &Bus, service: &str) -> Option<consumer::Info> {
-    let stream = bus.jetstream.get_stream(bus.names.event_stream()).await.ok()?;
-    let mut consumer: PullConsumer = stream.get_consumer(&bus.names.consumer(service)).await.ok()?;
+    let stream = bus
+        .jetstream
+        .get_stream(bus.names.event_stream())
+        .await
+        .ok()?;
+    let mut consumer: PullConsumer = stream
+        .get_consumer(&bus.names.consumer(service))
+        .await
+        .ok()?;
     consumer.info().await.ok().cloned()
 }
 
@@ -275,13 +300,19 @@ async fn consumer_info(bus: &Bus, service: &str) -> Option<consumer::Info> {
 /// or termed): nothing waits for delivery, nothing waits for an ack.
 async fn settled(bus: &Bus, service: &str, last_sequence: u64) -> bool {
     consumer_info(bus, service).await.is_some_and(|info| {
-        info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence >= last_sequence
+        info.num_pending == 0
+            && info.num_ack_pending == 0
+            && info.delivered.stream_sequence >= last_sequence
     })
 }
 
 /// Every message of the dead-letter stream, oldest first.
 async fn dead_letters(bus: &Bus) -> Vec<StreamMessage> {
-    let mut stream = bus.jetstream.get_stream(bus.names.dlq_stream()).await.expect("DLQ stream");
+    let mut stream = bus
+        .jetstream
+        .get_stream(bus.names.dlq_stream())
+        .await
+        .expect("DLQ stream");
     let state = stream.info().await.expect("DLQ stream info").state.clone();
     let mut messages = Vec::new();
     if state.messages == 0 {
@@ -310,7 +341,10 @@ async fn a_message_that_succeeds_is_handled_once_and_acked() {
     let sequence = publish(bus, "m-ok", organization_id, "ok").await;
 
     let worker = start_worker(bus, &settings, &handler);
-    wait_until!("the message to be acked", settled(bus, "ok", sequence).await);
+    wait_until!(
+        "the message to be acked",
+        settled(bus, "ok", sequence).await
+    );
     worker.stop().await;
 
     let calls = handler.calls();
@@ -343,14 +377,20 @@ async fn a_transient_failure_is_retried_after_the_configured_delay() {
     let sequence = publish(bus, "m-retry", Uuid::new_v4(), "transient-once").await;
 
     let worker = start_worker(bus, &settings, &handler);
-    wait_until!("the retried message to be acked", settled(bus, "retry", sequence).await);
+    wait_until!(
+        "the retried message to be acked",
+        settled(bus, "retry", sequence).await
+    );
     worker.stop().await;
 
     let calls = handler.calls();
     assert_eq!(handler.attempts(), vec![1, 2], "{calls:?}");
     let first_finished = calls[0].finished.expect("first attempt returned");
     let between = calls[1].started.duration_since(first_finished);
-    assert!(between >= delay, "redelivered {between:?} after the nak, before the nak delay of {delay:?}");
+    assert!(
+        between >= delay,
+        "redelivered {between:?} after the nak, before the nak delay of {delay:?}"
+    );
     assert!(dead_letters(bus).await.is_empty());
     test_bus.cleanup().await;
 }
@@ -372,38 +412,71 @@ async fn a_message_failing_transiently_past_the_budget_goes_to_the_dead_letter_s
     });
     worker.stop().await;
 
-    assert_eq!(handler.attempts(), vec![1, 2, 3], "the handler runs exactly max_attempts times");
+    assert_eq!(
+        handler.attempts(),
+        vec![1, 2, 3],
+        "the handler runs exactly max_attempts times"
+    );
     let dead = dead_letters(bus).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     let entry = &dead[0];
-    assert_eq!(entry.payload, Bytes::from_static(body.as_bytes()), "the original bytes");
-    assert_eq!(entry.subject.as_str(), bus.names.dlq_subject_for(&bus.names.subject(Step::Transcribed)));
+    assert_eq!(
+        entry.payload,
+        Bytes::from_static(body.as_bytes()),
+        "the original bytes"
+    );
+    assert_eq!(
+        entry.subject.as_str(),
+        bus.names
+            .dlq_subject_for(&bus.names.subject(Step::Transcribed))
+    );
     let headers = &entry.headers;
     let reason = header(headers, DLQ_REASON_HEADER).expect("reason header");
     assert!(reason.contains(TRANSIENT_REASON), "{reason}");
     assert_eq!(header(headers, DLQ_ATTEMPTS_HEADER), Some("3"));
     assert_eq!(header(headers, DLQ_SERVICE_HEADER), Some("budget"));
     let original_subject = bus.names.subject(Step::Transcribed);
-    assert_eq!(header(headers, DLQ_ORIGINAL_SUBJECT_HEADER), Some(original_subject.as_str()));
-    assert_eq!(header(headers, DLQ_ORIGINAL_SEQUENCE_HEADER), Some(sequence.to_string().as_str()));
+    assert_eq!(
+        header(headers, DLQ_ORIGINAL_SUBJECT_HEADER),
+        Some(original_subject.as_str())
+    );
+    assert_eq!(
+        header(headers, DLQ_ORIGINAL_SEQUENCE_HEADER),
+        Some(sequence.to_string().as_str())
+    );
     let organization = organization_id.to_string();
-    assert_eq!(header(headers, ORGANIZATION_HEADER), Some(organization.as_str()));
+    assert_eq!(
+        header(headers, ORGANIZATION_HEADER),
+        Some(organization.as_str())
+    );
     let dlq_msg_id = format!("dlq:{}:{sequence}", bus.names.event_stream());
     assert_eq!(header(headers, "Nats-Msg-Id"), Some(dlq_msg_id.as_str()));
 
     // The message id dedupes: a second dead-lettering of the same message
     // (a worker that crashed before the term) adds nothing.
     let again = bus
-        .publish_with_headers(&entry.subject, &dlq_msg_id, headers.clone(), entry.payload.clone())
+        .publish_with_headers(
+            &entry.subject,
+            &dlq_msg_id,
+            headers.clone(),
+            entry.payload.clone(),
+        )
         .await
         .unwrap();
-    assert_eq!(again, entry.sequence, "the duplicate is acknowledged with the first entry's sequence");
+    assert_eq!(
+        again, entry.sequence,
+        "the duplicate is acknowledged with the first entry's sequence"
+    );
     assert_eq!(dead_letters(bus).await.len(), 1);
 
     let recorded = handler.dead_letters();
     assert_eq!(recorded.len(), 1, "{recorded:?}");
     assert_eq!(recorded[0].payload, body);
-    assert!(recorded[0].reason.contains(TRANSIENT_REASON), "{:?}", recorded[0]);
+    assert!(
+        recorded[0].reason.contains(TRANSIENT_REASON),
+        "{:?}",
+        recorded[0]
+    );
     test_bus.cleanup().await;
 }
 
@@ -435,7 +508,8 @@ async fn a_permanent_failure_goes_to_the_dead_letter_stream_after_one_attempt() 
 }
 
 #[tokio::test]
-async fn a_failure_after_the_dead_letter_publish_retries_the_dead_letter_path_without_a_second_entry() {
+async fn a_failure_after_the_dead_letter_publish_retries_the_dead_letter_path_without_a_second_entry(
+) {
     init_tracing();
     let test_bus = TestBus::create().await;
     let bus = &test_bus.bus;
@@ -447,13 +521,18 @@ async fn a_failure_after_the_dead_letter_publish_retries_the_dead_letter_path_wi
     let sequence = publish(bus, "m-dlq-retry", Uuid::new_v4(), "fail-permanent").await;
 
     let worker = start_worker(bus, &settings, &handler);
-    wait_until!("the dead-letter path to be retried and the message termed", {
+    wait_until!(
+        "the dead-letter path to be retried and the message termed",
         settled(bus, "dlq-retry", sequence).await && handler.dead_letters().len() >= 2
-    });
+    );
     worker.stop().await;
 
     let recorded = handler.dead_letters();
-    assert_eq!(recorded.len(), 2, "one failed and one successful recording: {recorded:?}");
+    assert_eq!(
+        recorded.len(),
+        2,
+        "one failed and one successful recording: {recorded:?}"
+    );
     assert!(recorded[0].failed && !recorded[1].failed);
     assert!(
         recorded.iter().all(|r| r.reason == PERMANENT_REASON),
@@ -465,8 +544,15 @@ async fn a_failure_after_the_dead_letter_publish_retries_the_dead_letter_path_wi
         "a message already dead-lettered goes back to the dead-letter path, not to the handler"
     );
     let dead = dead_letters(bus).await;
-    assert_eq!(dead.len(), 1, "Nats-Msg-Id dedupes the second publish: {dead:?}");
-    assert_eq!(header(&dead[0].headers, DLQ_ORIGINAL_SEQUENCE_HEADER), Some(sequence.to_string().as_str()));
+    assert_eq!(
+        dead.len(),
+        1,
+        "Nats-Msg-Id dedupes the second publish: {dead:?}"
+    );
+    assert_eq!(
+        header(&dead[0].headers, DLQ_ORIGINAL_SEQUENCE_HEADER),
+        Some(sequence.to_string().as_str())
+    );
     test_bus.cleanup().await;
 }
 
@@ -480,7 +566,10 @@ async fn a_handler_that_panics_loses_no_message() {
     let sequence = publish(bus, "m-panic", Uuid::new_v4(), "panic-once").await;
 
     let worker = start_worker(bus, &settings, &handler);
-    wait_until!("the message to be acked after the panic", settled(bus, "panic", sequence).await);
+    wait_until!(
+        "the message to be acked after the panic",
+        settled(bus, "panic", sequence).await
+    );
     assert!(!worker.task.is_finished(), "the worker survives the panic");
     worker.stop().await;
 
@@ -516,10 +605,17 @@ async fn a_worker_killed_during_the_last_allowed_delivery_still_dead_letters_the
     });
     second.stop().await;
 
-    assert_eq!(handler.attempts(), vec![1, 2, 3], "the handler does not run past the budget");
+    assert_eq!(
+        handler.attempts(),
+        vec![1, 2, 3],
+        "the handler does not run past the budget"
+    );
     let dead = dead_letters(bus).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
-    let attempts: u64 = header(&dead[0].headers, DLQ_ATTEMPTS_HEADER).unwrap().parse().unwrap();
+    let attempts: u64 = header(&dead[0].headers, DLQ_ATTEMPTS_HEADER)
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(attempts > settings.max_attempts, "{attempts}");
     let reason = header(&dead[0].headers, DLQ_REASON_HEADER).unwrap();
     assert!(reason.contains("budget"), "{reason}");
@@ -545,7 +641,13 @@ async fn one_organization_failing_does_not_hold_up_another() {
     // A's messages come first in the stream and block in the handler (a
     // provider that times out), then fail transiently.
     for i in 0..5 {
-        publish(bus, &format!("a-{i}"), organization_a, &format!("blocked-then-transient#a{i}")).await;
+        publish(
+            bus,
+            &format!("a-{i}"),
+            organization_a,
+            &format!("blocked-then-transient#a{i}"),
+        )
+        .await;
     }
     let mut last = 0;
     for i in 0..5 {
@@ -554,31 +656,60 @@ async fn one_organization_failing_does_not_hold_up_another() {
 
     let worker = start_worker(bus, &settings, &handler);
     wait_until!("all of B's messages to be acked while A's block", {
-        let b_done = handler.calls_of("ok").iter().filter(|c| c.finished.is_some()).count() == 5;
+        let b_done = handler
+            .calls_of("ok")
+            .iter()
+            .filter(|c| c.finished.is_some())
+            .count()
+            == 5;
         b_done
             && consumer_info(bus, "fair").await.is_some_and(|info| {
-                info.num_pending == 0 && info.num_ack_pending == 5 && info.delivered.stream_sequence == last
+                info.num_pending == 0
+                    && info.num_ack_pending == 5
+                    && info.delivered.stream_sequence == last
             })
     });
     let a_calls = handler.calls_of("blocked");
-    assert!(a_calls.len() <= settings.per_organization_concurrency, "{a_calls:?}");
-    assert!(handler.calls_of("ok").iter().all(|c| c.organization_id == Some(organization_b)));
+    assert!(
+        a_calls.len() <= settings.per_organization_concurrency,
+        "{a_calls:?}"
+    );
+    assert!(handler
+        .calls_of("ok")
+        .iter()
+        .all(|c| c.organization_id == Some(organization_b)));
 
     // A's provider answers (with an error): A's messages wait for their
     // retry, B's stay done.
     handler.release.cancel();
     wait_until!(
         "every A message to have failed once",
-        handler.calls_of("blocked").iter().filter(|c| c.finished.is_some()).count() == 5
+        handler
+            .calls_of("blocked")
+            .iter()
+            .filter(|c| c.finished.is_some())
+            .count()
+            == 5
     );
     let a_calls = handler.calls_of("blocked");
-    assert!(a_calls.iter().all(|c| c.attempt == 1 && c.organization_id == Some(organization_a)), "{a_calls:?}");
+    assert!(
+        a_calls
+            .iter()
+            .all(|c| c.attempt == 1 && c.organization_id == Some(organization_a)),
+        "{a_calls:?}"
+    );
     wait_until!(
         "A's messages to be waiting for their retry",
-        consumer_info(bus, "fair").await.is_some_and(|info| info.num_ack_pending == 5 && info.num_pending == 0)
+        consumer_info(bus, "fair")
+            .await
+            .is_some_and(|info| info.num_ack_pending == 5 && info.num_pending == 0)
     );
     worker.stop().await;
-    assert_eq!(handler.calls_of("blocked").len(), 5, "no retry before the 30 s delay");
+    assert_eq!(
+        handler.calls_of("blocked").len(),
+        5,
+        "no retry before the 30 s delay"
+    );
     assert!(dead_letters(bus).await.is_empty());
     test_bus.cleanup().await;
 }
@@ -610,8 +741,15 @@ async fn graceful_shutdown_finishes_the_message_in_flight() {
     assert!(result.is_ok(), "{result:?}");
 
     let calls = handler.calls();
-    assert_eq!(calls.len(), 1, "progress reports prevent a redelivery: {calls:?}");
-    assert!(calls[0].finished.is_some(), "run_consumer returned before the handler finished");
+    assert_eq!(
+        calls.len(),
+        1,
+        "progress reports prevent a redelivery: {calls:?}"
+    );
+    assert!(
+        calls[0].finished.is_some(),
+        "run_consumer returned before the handler finished"
+    );
     let info = consumer_info(bus, "shutdown").await.unwrap();
     assert_eq!(info.num_ack_pending, 0, "the message in flight was acked");
     assert_eq!(info.num_redelivered, 0);
@@ -630,9 +768,14 @@ async fn a_message_without_a_decodable_organization_is_handled() {
 
     let mut garbage = HeaderMap::new();
     garbage.insert(ORGANIZATION_HEADER, "not-a-uuid");
-    bus.publish_with_headers(&subject, "m-garbage-org", garbage, Bytes::from_static(b"ok#garbage-org"))
-        .await
-        .unwrap();
+    bus.publish_with_headers(
+        &subject,
+        "m-garbage-org",
+        garbage,
+        Bytes::from_static(b"ok#garbage-org"),
+    )
+    .await
+    .unwrap();
     // No headers at all.
     bus.jetstream
         .publish(subject.clone(), Bytes::from_static(b"ok#no-headers"))
@@ -642,7 +785,10 @@ async fn a_message_without_a_decodable_organization_is_handled() {
         .unwrap();
     let last = bus
         .jetstream
-        .publish(subject.clone(), Bytes::from_static(b"fail-permanent#no-headers"))
+        .publish(
+            subject.clone(),
+            Bytes::from_static(b"fail-permanent#no-headers"),
+        )
         .await
         .unwrap()
         .await
@@ -657,12 +803,23 @@ async fn a_message_without_a_decodable_organization_is_handled() {
 
     let calls = handler.calls();
     assert_eq!(calls.len(), 3, "{calls:?}");
-    assert!(calls.iter().all(|c| c.organization_id.is_none() && c.attempt == 1), "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.organization_id.is_none() && c.attempt == 1),
+        "{calls:?}"
+    );
     let dead = dead_letters(bus).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0].payload, Bytes::from_static(b"fail-permanent#no-headers"));
+    assert_eq!(
+        dead[0].payload,
+        Bytes::from_static(b"fail-permanent#no-headers")
+    );
     assert_eq!(header(&dead[0].headers, ORGANIZATION_HEADER), None);
-    assert_eq!(header(&dead[0].headers, DLQ_ORIGINAL_SEQUENCE_HEADER), Some(last.to_string().as_str()));
+    assert_eq!(
+        header(&dead[0].headers, DLQ_ORIGINAL_SEQUENCE_HEADER),
+        Some(last.to_string().as_str())
+    );
     test_bus.cleanup().await;
 }
 
@@ -679,18 +836,29 @@ async fn an_idle_worker_keeps_pulling_after_its_pull_requests_expire() {
 
     let worker = start_worker(bus, &settings, &handler);
     wait_until!("the worker to wait for messages", {
-        consumer_info(bus, "idle").await.is_some_and(|info| info.num_waiting > 0)
+        consumer_info(bus, "idle")
+            .await
+            .is_some_and(|info| info.num_waiting > 0)
     });
     // Let several pull requests expire before anything is published.
     let idle_since = Instant::now();
-    wait_until!("a few pull expiries", idle_since.elapsed() > settings.pull_expiry * 4);
+    wait_until!(
+        "a few pull expiries",
+        idle_since.elapsed() > settings.pull_expiry * 4
+    );
     let organization_id = Uuid::new_v4();
     let sequence = publish(bus, "m-idle", organization_id, "ok#idle").await;
-    wait_until!("the message to be acked", settled(bus, "idle", sequence).await);
+    wait_until!(
+        "the message to be acked",
+        settled(bus, "idle", sequence).await
+    );
     worker.stop().await;
 
     let calls = handler.calls();
     assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!((calls[0].attempt, calls[0].organization_id), (1, Some(organization_id)));
+    assert_eq!(
+        (calls[0].attempt, calls[0].organization_id),
+        (1, Some(organization_id))
+    );
     test_bus.cleanup().await;
 }

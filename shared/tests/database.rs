@@ -13,7 +13,11 @@ const SECRET: &str = "whsec_test_0123456789abcdef0123456789abcdef";
 async fn migrations_apply_once_and_a_second_run_changes_nothing() {
     let started = std::time::Instant::now();
     let database = TestDatabase::create().await;
-    eprintln!("test database {} ready in {:?}", database.name, started.elapsed());
+    eprintln!(
+        "test database {} ready in {:?}",
+        database.name,
+        started.elapsed()
+    );
 
     let schema = |pool: PgPool| async move {
         sqlx::query_scalar::<_, String>(
@@ -72,7 +76,10 @@ async fn the_service_role_cannot_bypass_row_level_security() {
     .fetch_one(&database.pool)
     .await
     .unwrap();
-    assert!(!superuser && !bypass, "{user} must be neither superuser nor BYPASSRLS");
+    assert!(
+        !superuser && !bypass,
+        "{user} must be neither superuser nor BYPASSRLS"
+    );
     let owns_tables: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner = current_user",
     )
@@ -90,16 +97,24 @@ async fn the_service_role_cannot_bypass_row_level_security() {
     .unwrap();
     assert!(forced.len() >= 11);
     for (table, enabled, force) in forced {
-        assert!(enabled && force, "{table} must ENABLE and FORCE row-level security");
+        assert!(
+            enabled && force,
+            "{table} must ENABLE and FORCE row-level security"
+        );
     }
 
     // The guard in connect_service_pool refuses a superuser.
     let refused = db::connect_service_pool(&database.admin_url, 1).await;
-    assert!(matches!(refused, Err(db::DbError::PrivilegedServiceRole { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(db::DbError::PrivilegedServiceRole { .. })),
+        "{refused:?}"
+    );
 }
 
 async fn seed_caller(database: &TestDatabase, organization_id: Uuid, caller: &str) {
-    let mut tx = db::begin_org_tx(&database.pool, organization_id).await.unwrap();
+    let mut tx = db::begin_org_tx(&database.pool, organization_id)
+        .await
+        .unwrap();
     sqlx::query(
         "INSERT INTO callers (organization_id, caller_id, first_seen_at, last_seen_at, total_conversations)
          VALUES ($1, $2, now(), now(), 1)",
@@ -146,7 +161,10 @@ async fn each_organization_sees_only_its_own_rows() {
     .bind(org_b)
     .execute(&mut *tx)
     .await;
-    assert!(foreign_insert.is_err(), "inserting into another organization must fail");
+    assert!(
+        foreign_insert.is_err(),
+        "inserting into another organization must fail"
+    );
     tx.rollback().await.unwrap();
 
     // Updates and deletes cannot reach the other organization either.
@@ -172,7 +190,9 @@ async fn a_pooled_connection_forgets_the_previous_organization() {
     seed_caller(&database, org_a, "+14155550123").await;
 
     // One connection, so the next transaction reuses it.
-    let single = db::connect_service_pool(&database.service_url, 1).await.unwrap();
+    let single = db::connect_service_pool(&database.service_url, 1)
+        .await
+        .unwrap();
     let mut tx = db::begin_org_tx(&single, org_a).await.unwrap();
     let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM callers")
         .fetch_one(&mut *tx)
@@ -181,10 +201,12 @@ async fn a_pooled_connection_forgets_the_previous_organization() {
     assert_eq!(seen, 1);
     tx.commit().await.unwrap();
 
-    let setting: String = sqlx::query_scalar("SELECT coalesce(current_setting('app.organization_id', true), '<null>')")
-        .fetch_one(&single)
-        .await
-        .unwrap();
+    let setting: String = sqlx::query_scalar(
+        "SELECT coalesce(current_setting('app.organization_id', true), '<null>')",
+    )
+    .fetch_one(&single)
+    .await
+    .unwrap();
     assert_eq!(setting, "", "the setting is transaction-local");
     let after: i64 = sqlx::query_scalar("SELECT count(*) FROM callers")
         .fetch_one(&single)
@@ -221,13 +243,17 @@ async fn lookups_before_the_organization_is_known_return_only_what_auth_needs() 
 async fn the_database_enforces_the_seed_validation_rules() {
     let database = TestDatabase::create().await;
     let org = database.create_organization("org-a", SECRET).await;
-    let short_secret = sqlx::query("INSERT INTO organizations (slug, name, hmac_secret) VALUES ('x', 'x', 'short')")
-        .execute(&database.admin_pool)
-        .await;
+    let short_secret = sqlx::query(
+        "INSERT INTO organizations (slug, name, hmac_secret) VALUES ('x', 'x', 'short')",
+    )
+    .execute(&database.admin_pool)
+    .await;
     assert!(short_secret.is_err(), "secrets under 32 bytes are refused");
     seed_caller(&database, org, "+1").await;
     let mut tx = db::begin_org_tx(&database.pool, org).await.unwrap();
-    insert_conversation(&mut tx, org, "conv_1", "completed").await.unwrap();
+    insert_conversation(&mut tx, org, "conv_1", "completed")
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     let insert_memory = |importance: i16, content: String, confidence: f32| {
@@ -252,7 +278,9 @@ async fn the_database_enforces_the_seed_validation_rules() {
         }
     };
     assert!(!insert_memory(7, "likes tea".into(), 0.5).await.unwrap());
-    assert!(insert_memory(8, "allergic to penicillin".into(), 0.5).await.unwrap());
+    assert!(insert_memory(8, "allergic to penicillin".into(), 0.5)
+        .await
+        .unwrap());
     assert!(insert_memory(0, "x".into(), 0.5).await.is_err());
     assert!(insert_memory(11, "x".into(), 0.5).await.is_err());
     assert!(insert_memory(5, "".into(), 0.5).await.is_err());
@@ -293,8 +321,13 @@ async fn the_status_machine_is_the_same_in_rust_and_in_sql() {
     // Creation: only initiated, completed and failed.
     for status in ConversationStatus::ALL {
         let mut tx = db::begin_org_tx(&database.pool, org).await.unwrap();
-        let created = insert_conversation(&mut tx, org, &format!("create_{status}"), status.as_str()).await;
-        assert_eq!(created.is_ok(), status.can_be_created_as(), "create as {status}");
+        let created =
+            insert_conversation(&mut tx, org, &format!("create_{status}"), status.as_str()).await;
+        assert_eq!(
+            created.is_ok(),
+            status.can_be_created_as(),
+            "create as {status}"
+        );
         let _ = tx.rollback().await;
     }
 
@@ -307,28 +340,37 @@ async fn the_status_machine_is_the_same_in_rust_and_in_sql() {
                 let conversation = format!("c{index}_{to}_{kind:?}");
 
                 let mut tx = db::begin_org_tx(&database.pool, org).await.unwrap();
-                insert_conversation(&mut tx, org, &conversation, "completed").await.unwrap();
-                tx.commit().await.unwrap();
-                // Put the row in `from` behind the trigger's back.
-                sqlx::query("ALTER TABLE conversations DISABLE TRIGGER conversations_status_machine")
-                    .execute(&database.admin_pool)
+                insert_conversation(&mut tx, org, &conversation, "completed")
                     .await
                     .unwrap();
+                tx.commit().await.unwrap();
+                // Put the row in `from` behind the trigger's back.
+                sqlx::query(
+                    "ALTER TABLE conversations DISABLE TRIGGER conversations_status_machine",
+                )
+                .execute(&database.admin_pool)
+                .await
+                .unwrap();
                 sqlx::query("UPDATE conversations SET status = $1 WHERE conversation_id = $2")
                     .bind(from.as_str())
                     .bind(&conversation)
                     .execute(&database.admin_pool)
                     .await
                     .unwrap();
-                sqlx::query("ALTER TABLE conversations ENABLE TRIGGER conversations_status_machine")
-                    .execute(&database.admin_pool)
-                    .await
-                    .unwrap();
+                sqlx::query(
+                    "ALTER TABLE conversations ENABLE TRIGGER conversations_status_machine",
+                )
+                .execute(&database.admin_pool)
+                .await
+                .unwrap();
 
                 let mut tx = db::begin_org_tx(&database.pool, org).await.unwrap();
-                let guarded = db::transition_conversation(&mut tx, org, &conversation, to, kind).await;
+                let guarded =
+                    db::transition_conversation(&mut tx, org, &conversation, to, kind).await;
                 match guarded {
-                    Ok(changed) => assert_eq!(changed, expected, "{from} -> {to} ({kind:?}) guarded"),
+                    Ok(changed) => {
+                        assert_eq!(changed, expected, "{from} -> {to} ({kind:?}) guarded")
+                    }
                     Err(err) => panic!("{from} -> {to} ({kind:?}): {err}"),
                 }
                 tx.rollback().await.unwrap();

@@ -16,7 +16,9 @@ use elaaoms_shared::domain::{Speaker, TranscriptTurn};
 use elaaoms_shared::events::ConversationTranscribed;
 use tokio_util::sync::CancellationToken;
 
-use super::{machine_description, open_loop, BenchEnv, BenchEnvArgs, BENCH_SECRET, BENCH_SLUG, TABLE_HEADER};
+use super::{
+    machine_description, open_loop, BenchEnv, BenchEnvArgs, BENCH_SECRET, BENCH_SLUG, TABLE_HEADER,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct IngestBenchArgs {
@@ -43,14 +45,16 @@ fn webhook_bodies(count: u64) -> Result<Vec<Bytes>> {
         .iter()
         .map(|name| {
             let path = format!("tests/fixtures/elevenlabs/{name}");
-            let text = std::fs::read(&path).with_context(|| format!("reading {path} (run from the repository root)"))?;
+            let text = std::fs::read(&path)
+                .with_context(|| format!("reading {path} (run from the repository root)"))?;
             Ok(serde_json::from_slice::<serde_json::Value>(&text)?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok((0..count)
         .map(|i| {
             let mut body = fixtures[i as usize % fixtures.len()].clone();
-            body["data"]["conversation_id"] = serde_json::Value::String(format!("conv_bench_{i:08}"));
+            body["data"]["conversation_id"] =
+                serde_json::Value::String(format!("conv_bench_{i:08}"));
             Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"))
         })
         .collect())
@@ -78,27 +82,44 @@ pub async fn run(args: IngestBenchArgs) -> Result<()> {
         },
     })
     .await?;
-    let webhook_url = format!("http://{}/v1/webhooks/elevenlabs/{BENCH_SLUG}", service.local_addr());
+    let webhook_url = format!(
+        "http://{}/v1/webhooks/elevenlabs/{BENCH_SLUG}",
+        service.local_addr()
+    );
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(service.run(shutdown.clone()));
 
     let count = (args.rate * args.duration.as_secs_f64()).round() as u64;
     let bodies = Arc::new(webhook_bodies(count)?);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
     // Warm up connections, prepared statements and the page cache.
     for body in bodies.iter().take(5) {
         post_webhook(&client, &webhook_url, body.clone()).await;
     }
 
-    println!("## ingest, {} per second for {:?}\n\n{}\n", args.rate, args.duration, machine_description());
+    println!(
+        "## ingest, {} per second for {:?}\n\n{}\n",
+        args.rate,
+        args.duration,
+        machine_description()
+    );
     println!("{TABLE_HEADER}");
     let (webhooks, errors, seconds) = open_loop(args.rate, args.duration, |i| {
-        let (client, url, body) = (client.clone(), webhook_url.clone(), bodies[i as usize].clone());
+        let (client, url, body) = (
+            client.clone(),
+            webhook_url.clone(),
+            bodies[i as usize].clone(),
+        );
         async move { post_webhook(&client, &url, body).await }
     })
     .await;
     let webhooks = webhooks.summary();
-    println!("{}", webhooks.row("webhook answered 200 (durable)", seconds, errors));
+    println!(
+        "{}",
+        webhooks.row("webhook answered 200 (durable)", seconds, errors)
+    );
 
     let bus = Bus::connect(&env.bus_config).await?;
     let event = Bytes::from(sample_event(env.organization_id).encode()?);
@@ -106,30 +127,59 @@ pub async fn run(args: IngestBenchArgs) -> Result<()> {
     let organization_id = env.organization_id;
     let (publish, errors, seconds) = open_loop(args.rate, args.duration, |i| {
         let (bus, subject, event) = (bus.clone(), subject.clone(), event.clone());
-        async move { bus.publish(&subject, &format!("baseline-a:{i}"), organization_id, event).await.is_ok() }
+        async move {
+            bus.publish(&subject, &format!("baseline-a:{i}"), organization_id, event)
+                .await
+                .is_ok()
+        }
     })
     .await;
     let publish = publish.summary();
-    println!("{}", publish.row("baseline: JetStream publish, PubAck awaited", seconds, errors));
+    println!(
+        "{}",
+        publish.row(
+            "baseline: JetStream publish, PubAck awaited",
+            seconds,
+            errors
+        )
+    );
 
-    sqlx::query("CREATE TABLE bench_durable_baseline (id bigserial PRIMARY KEY, body bytea NOT NULL)")
-        .execute(&env.admin_pool)
-        .await?;
+    sqlx::query(
+        "CREATE TABLE bench_durable_baseline (id bigserial PRIMARY KEY, body bytea NOT NULL)",
+    )
+    .execute(&env.admin_pool)
+    .await?;
     let admin_pool = env.admin_pool.clone();
     let (durable, errors, seconds) = open_loop(args.rate, args.duration, |i| {
-        let (bus, subject, event, pool) = (bus.clone(), subject.clone(), event.clone(), admin_pool.clone());
+        let (bus, subject, event, pool) = (
+            bus.clone(),
+            subject.clone(),
+            event.clone(),
+            admin_pool.clone(),
+        );
         async move {
             let inserted = sqlx::query("INSERT INTO bench_durable_baseline (body) VALUES ($1)")
                 .bind(event.to_vec())
                 .execute(&pool)
                 .await
                 .is_ok();
-            inserted && bus.publish(&subject, &format!("baseline-b:{i}"), organization_id, event).await.is_ok()
+            inserted
+                && bus
+                    .publish(&subject, &format!("baseline-b:{i}"), organization_id, event)
+                    .await
+                    .is_ok()
         }
     })
     .await;
     let durable = durable.summary();
-    println!("{}", durable.row("baseline: Postgres insert+commit, then publish", seconds, errors));
+    println!(
+        "{}",
+        durable.row(
+            "baseline: Postgres insert+commit, then publish",
+            seconds,
+            errors
+        )
+    );
     println!(
         "\nwebhook p50 / baseline p50: {:.1}x against publish, {:.1}x against insert+publish",
         webhooks.p50_ms / publish.p50_ms,
@@ -143,7 +193,8 @@ pub async fn run(args: IngestBenchArgs) -> Result<()> {
 }
 
 async fn post_webhook(client: &reqwest::Client, url: &str, body: Bytes) -> bool {
-    let signature = elaaoms_ingest::signature::sign(BENCH_SECRET, chrono::Utc::now().timestamp(), &body);
+    let signature =
+        elaaoms_ingest::signature::sign(BENCH_SECRET, chrono::Utc::now().timestamp(), &body);
     match client
         .post(url)
         .header("content-type", "application/json")

@@ -85,21 +85,26 @@ impl BenchEnv {
     pub async fn prepare(args: &BenchEnvArgs) -> Result<Self> {
         let admin_url = with_database(&args.admin.database_admin_url, BENCH_DATABASE)?;
         let service_url = with_database(&args.database.database_url, BENCH_DATABASE)?;
-        let maintenance = db::connect_admin_pool(&with_database(&args.admin.database_admin_url, "postgres")?).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")))
-            .execute(&maintenance)
-            .await?;
+        let maintenance =
+            db::connect_admin_pool(&with_database(&args.admin.database_admin_url, "postgres")?)
+                .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)"
+        )))
+        .execute(&maintenance)
+        .await?;
         maintenance.close().await;
         db::ensure_database_exists(&admin_url).await?;
         let admin_pool = db::connect_admin_pool(&admin_url).await?;
         db::migrate(&admin_pool).await?;
         db::ensure_service_login_role(&admin_pool, &service_url).await?;
-        let organization_id: Uuid =
-            sqlx::query_scalar("INSERT INTO organizations (slug, name, hmac_secret) VALUES ($1, $1, $2) RETURNING id")
-                .bind(BENCH_SLUG)
-                .bind(BENCH_SECRET)
-                .fetch_one(&admin_pool)
-                .await?;
+        let organization_id: Uuid = sqlx::query_scalar(
+            "INSERT INTO organizations (slug, name, hmac_secret) VALUES ($1, $1, $2) RETURNING id",
+        )
+        .bind(BENCH_SLUG)
+        .bind(BENCH_SECRET)
+        .fetch_one(&admin_pool)
+        .await?;
         let pool = db::connect_service_pool(&service_url, 16).await?;
 
         let bus_config = BusConfig {
@@ -134,7 +139,10 @@ impl Latencies {
 
     pub fn record(&self, elapsed: Duration) {
         let micros = (elapsed.as_micros() as u64).clamp(1, 120_000_000);
-        self.0.lock().expect("histogram lock").saturating_record(micros);
+        self.0
+            .lock()
+            .expect("histogram lock")
+            .saturating_record(micros);
     }
 
     /// `p50 / p99 / max` in milliseconds, and the count.
@@ -189,7 +197,11 @@ pub const TABLE_HEADER: &str =
 
 /// Starts `make_request(i)` at `rate` per second for `duration`, each on
 /// its own task, and records each latency from its scheduled start.
-pub async fn open_loop<F, Fut>(rate: f64, duration: Duration, make_request: F) -> (Latencies, u64, f64)
+pub async fn open_loop<F, Fut>(
+    rate: f64,
+    duration: Duration,
+    make_request: F,
+) -> (Latencies, u64, f64)
 where
     F: Fn(u64) -> Fut,
     Fut: std::future::Future<Output = bool> + Send + 'static,
@@ -215,12 +227,18 @@ where
     }
     while tasks.join_next().await.is_some() {}
     let seconds = started.elapsed().as_secs_f64();
-    (latencies, errors.load(std::sync::atomic::Ordering::Relaxed), seconds)
+    (
+        latencies,
+        errors.load(std::sync::atomic::Ordering::Relaxed),
+        seconds,
+    )
 }
 
 /// Machine facts for the report.
 pub fn machine_description() -> String {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|info| {
@@ -240,5 +258,8 @@ pub fn machine_description() -> String {
                 .map(|(_, name)| name.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
-    format!("{cores} cores ({cpu}), {memory} RAM, {}", chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"))
+    format!(
+        "{cores} cores ({cpu}), {memory} RAM, {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    )
 }

@@ -50,9 +50,15 @@ const NOISE_VECTORS: u64 = 64;
 /// Sentences as extracted memories are written, from the fixtures.
 fn base_sentences() -> Result<Vec<(String, &'static str)>> {
     let mut sentences = Vec::new();
-    for entry in std::fs::read_dir("tests/fixtures/elevenlabs").context("run from the repository root")? {
+    for entry in
+        std::fs::read_dir("tests/fixtures/elevenlabs").context("run from the repository root")?
+    {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         if !name.starts_with("post_call_transcription") {
             continue;
         }
@@ -64,14 +70,21 @@ fn base_sentences() -> Result<Vec<(String, &'static str)>> {
             .into_iter()
             .filter_map(|turn| {
                 Some(TranscriptTurn {
-                    speaker: if turn["role"] == "user" { Speaker::User } else { Speaker::Agent },
+                    speaker: if turn["role"] == "user" {
+                        Speaker::User
+                    } else {
+                        Speaker::Agent
+                    },
                     message: turn["message"].as_str()?.to_owned(),
                     time_in_call_secs: None,
                 })
             })
             .collect();
         for memory in elaaoms_extractor::rules::extract_memories(&turns) {
-            sentences.push((memory.content.as_str().to_owned(), memory.memory_type.as_str()));
+            sentences.push((
+                memory.content.as_str().to_owned(),
+                memory.memory_type.as_str(),
+            ));
         }
     }
     Ok(sentences)
@@ -99,7 +112,9 @@ async fn generate(env: &BenchEnv, embedder: &Embedder, memories: u64, callers: u
         .execute(admin)
         .await?;
     for id in 0..NOISE_VECTORS {
-        let noise: Vec<f32> = (0..384).map(|_| (rand::random::<f32>() - 0.5) * 0.08).collect();
+        let noise: Vec<f32> = (0..384)
+            .map(|_| (rand::random::<f32>() - 0.5) * 0.08)
+            .collect();
         sqlx::query("INSERT INTO bench_noise VALUES ($1, $2)")
             .bind(id as i64)
             .bind(Vector::from(noise))
@@ -221,8 +236,17 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
                 "result_limit": 5,
             });
             let started = Instant::now();
-            let response = client.post(&search_url).bearer_auth(&api_key).json(&body).send().await?;
-            anyhow::ensure!(response.status().is_success(), "search failed: {}", response.status());
+            let response = client
+                .post(&search_url)
+                .bearer_auth(&api_key)
+                .json(&body)
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "search failed: {}",
+                response.status()
+            );
             response.bytes().await?;
             if i >= warm {
                 latencies.record(started.elapsed());

@@ -153,8 +153,12 @@ impl ConsumerSettings {
     }
 
     fn retry_delay(&self, attempt: u64) -> Duration {
-        let index = (attempt.saturating_sub(1) as usize).min(self.retry_delays.len().saturating_sub(1));
-        self.retry_delays.get(index).copied().unwrap_or(Duration::from_secs(60))
+        let index =
+            (attempt.saturating_sub(1) as usize).min(self.retry_delays.len().saturating_sub(1));
+        self.retry_delays
+            .get(index)
+            .copied()
+            .unwrap_or(Duration::from_secs(60))
     }
 }
 
@@ -163,7 +167,10 @@ impl ConsumerSettings {
 const MAX_ACK_PENDING: i64 = 10_000;
 
 /// Creates the worker's durable pull consumer (idempotent).
-async fn ensure_consumer(bus: &Bus, settings: &ConsumerSettings) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
+async fn ensure_consumer(
+    bus: &Bus,
+    settings: &ConsumerSettings,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, BusError> {
     let name = bus.names.consumer(&settings.service);
     let consumer_error = |reason: String| BusError::Consumer {
         consumer: name.clone(),
@@ -261,8 +268,18 @@ impl Capacity {
     }
 
     async fn acquire(&self) -> Permits {
-        let held = self.held.clone().acquire_owned().await.expect("semaphore never closed");
-        let running = self.running.clone().acquire_owned().await.expect("semaphore never closed");
+        let held = self
+            .held
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let running = self
+            .running
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         Permits {
             _held: held,
             running: Some(running),
@@ -270,7 +287,9 @@ impl Capacity {
     }
 
     fn available(&self) -> usize {
-        self.running.available_permits().min(self.held.available_permits())
+        self.running
+            .available_permits()
+            .min(self.held.available_permits())
     }
 }
 
@@ -298,11 +317,18 @@ impl DeadLetterRetries {
     }
 
     fn reason(&self, stream_sequence: u64) -> Option<String> {
-        self.0.lock().expect("dead-letter retries lock").get(&stream_sequence).cloned()
+        self.0
+            .lock()
+            .expect("dead-letter retries lock")
+            .get(&stream_sequence)
+            .cloned()
     }
 
     fn forget(&self, stream_sequence: u64) {
-        self.0.lock().expect("dead-letter retries lock").remove(&stream_sequence);
+        self.0
+            .lock()
+            .expect("dead-letter retries lock")
+            .remove(&stream_sequence);
     }
 }
 
@@ -372,7 +398,8 @@ pub async fn run_consumer<H: Handler>(
             }
         };
         let mut first_permits = Some(first_permits);
-        let batch_deadline = tokio::time::Instant::now() + shared.settings.pull_expiry + PULL_END_GRACE;
+        let batch_deadline =
+            tokio::time::Instant::now() + shared.settings.pull_expiry + PULL_END_GRACE;
         loop {
             // A message the server has already sent is taken even when
             // shutting down: dropped, it would come back only after the ack
@@ -449,7 +476,11 @@ enum Settle {
     Term,
 }
 
-async fn process_message<H: Handler>(shared: Arc<Shared<H>>, message: jetstream::Message, mut permits: Permits) {
+async fn process_message<H: Handler>(
+    shared: Arc<Shared<H>>,
+    message: jetstream::Message,
+    mut permits: Permits,
+) {
     let delivery = Arc::new(delivery_of(&message));
     let span = tracing::info_span!(
         "message",
@@ -483,7 +514,11 @@ async fn process_message<H: Handler>(shared: Arc<Shared<H>>, message: jetstream:
 }
 
 /// Runs the handler (or not) and says how to settle the message.
-async fn decide<H: Handler>(shared: &Shared<H>, delivery: &Arc<Delivery>, permits: &mut Permits) -> Settle {
+async fn decide<H: Handler>(
+    shared: &Shared<H>,
+    delivery: &Arc<Delivery>,
+    permits: &mut Permits,
+) -> Settle {
     let settings = &shared.settings;
     if let Some(reason) = shared.dead_letter_retries.reason(delivery.stream_sequence) {
         tracing::warn!(reason, "retrying the dead-letter path");
@@ -505,7 +540,10 @@ async fn decide<H: Handler>(shared: &Shared<H>, delivery: &Arc<Delivery>, permit
             // Wait for this organization's turn without a running slot, so
             // other organizations' messages run meanwhile.
             permits.running = None;
-            let slot = organization.acquire_owned().await.expect("semaphore never closed");
+            let slot = organization
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
             permits.running = Some(
                 shared
                     .capacity
@@ -523,7 +561,11 @@ async fn decide<H: Handler>(shared: &Shared<H>, delivery: &Arc<Delivery>, permit
         Ok(()) => Settle::Ack,
         Err(HandlerError::Transient(reason)) if delivery.attempt < settings.max_attempts => {
             let delay = settings.retry_delay(delivery.attempt);
-            tracing::warn!(reason, delay_ms = delay.as_millis() as u64, "transient failure: retrying later");
+            tracing::warn!(
+                reason,
+                delay_ms = delay.as_millis() as u64,
+                "transient failure: retrying later"
+            );
             Settle::Nak(delay)
         }
         Err(HandlerError::Transient(reason) | HandlerError::Permanent(reason)) => {
@@ -545,13 +587,18 @@ impl<T> Drop for AbortOnDrop<T> {
 
 /// Runs the handler in its own task so that a panic is a failure of this
 /// message rather than of the worker.
-async fn run_handler<H: Handler>(handler: Arc<H>, delivery: Arc<Delivery>) -> Result<(), HandlerError> {
+async fn run_handler<H: Handler>(
+    handler: Arc<H>,
+    delivery: Arc<Delivery>,
+) -> Result<(), HandlerError> {
     let mut task = AbortOnDrop(tokio::spawn(
         async move { handler.handle(&delivery).await }.in_current_span(),
     ));
     match (&mut task.0).await {
         Ok(result) => result,
-        Err(join_error) => Err(HandlerError::Transient(format!("handler panicked: {join_error}"))),
+        Err(join_error) => Err(HandlerError::Transient(format!(
+            "handler panicked: {join_error}"
+        ))),
     }
 }
 
@@ -596,17 +643,30 @@ fn header_safe(text: &str) -> String {
 /// path is retried.
 async fn dead_letter<H: Handler>(shared: &Shared<H>, delivery: &Delivery, reason: &str) -> Settle {
     let (bus, settings) = (&shared.bus, &shared.settings);
-    shared.dead_letter_retries.remember(delivery.stream_sequence, reason);
+    shared
+        .dead_letter_retries
+        .remember(delivery.stream_sequence, reason);
     let mut headers = delivery.headers.clone().unwrap_or_default();
     headers.insert(DLQ_REASON_HEADER, header_safe(reason).as_str());
     headers.insert(DLQ_ATTEMPTS_HEADER, delivery.attempt.to_string().as_str());
     headers.insert(DLQ_SERVICE_HEADER, settings.service.as_str());
     headers.insert(DLQ_ORIGINAL_SUBJECT_HEADER, delivery.subject.as_str());
-    headers.insert(DLQ_ORIGINAL_SEQUENCE_HEADER, delivery.stream_sequence.to_string().as_str());
-    let msg_id = format!("dlq:{}:{}", bus.names.event_stream(), delivery.stream_sequence);
+    headers.insert(
+        DLQ_ORIGINAL_SEQUENCE_HEADER,
+        delivery.stream_sequence.to_string().as_str(),
+    );
+    let msg_id = format!(
+        "dlq:{}:{}",
+        bus.names.event_stream(),
+        delivery.stream_sequence
+    );
     let retry_later = |why: String| {
         let delay = settings.retry_delay(1);
-        tracing::warn!(why, delay_ms = delay.as_millis() as u64, "dead-letter path failed; retrying it later");
+        tracing::warn!(
+            why,
+            delay_ms = delay.as_millis() as u64,
+            "dead-letter path failed; retrying it later"
+        );
         Settle::Nak(delay)
     };
     if let Err(err) = bus
@@ -638,7 +698,11 @@ mod tests {
             concurrency: 1,
             per_organization_concurrency: 1,
             max_attempts: 10,
-            retry_delays: vec![Duration::from_secs(60), Duration::from_secs(300), Duration::from_secs(1800)],
+            retry_delays: vec![
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+                Duration::from_secs(1800),
+            ],
             ack_wait: Duration::from_secs(30),
             pull_expiry: Duration::from_secs(1),
         };

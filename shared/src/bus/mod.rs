@@ -142,7 +142,9 @@ impl BusNames {
     /// Where a failed message goes: `elaaoms.dlq.conversation.transcribed`.
     pub fn dlq_subject_for(&self, original_subject: &str) -> String {
         let prefix = format!("{}.v1.", self.subject_prefix());
-        let suffix = original_subject.strip_prefix(&prefix).unwrap_or(original_subject);
+        let suffix = original_subject
+            .strip_prefix(&prefix)
+            .unwrap_or(original_subject);
         format!("{}.dlq.{suffix}", self.subject_prefix())
     }
 
@@ -155,8 +157,16 @@ impl BusNames {
 /// `{org}:{conversation}:{step}:{generation}`: a retried webhook or a
 /// republish after a crash is dropped by JetStream; a replay, which bumps the
 /// generation, is not.
-pub fn event_msg_id(organization_id: Uuid, conversation_id: &str, step: Step, generation: i32) -> String {
-    format!("{organization_id}:{conversation_id}:{}:{generation}", step.as_str())
+pub fn event_msg_id(
+    organization_id: Uuid,
+    conversation_id: &str,
+    step: Step,
+    generation: i32,
+) -> String {
+    format!(
+        "{organization_id}:{conversation_id}:{}:{generation}",
+        step.as_str()
+    )
 }
 
 /// Every event body: MessagePack with named fields, so fields can be added
@@ -259,7 +269,10 @@ impl Bus {
             self.jetstream
                 .create_or_update_stream(config)
                 .await
-                .map_err(|source| BusError::StreamSetup { stream: name, source })?;
+                .map_err(|source| BusError::StreamSetup {
+                    stream: name,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -275,7 +288,8 @@ impl Bus {
     ) -> Result<u64, BusError> {
         let mut headers = HeaderMap::new();
         headers.insert(ORGANIZATION_HEADER, organization_id.to_string().as_str());
-        self.publish_with_headers(subject, msg_id, headers, body).await
+        self.publish_with_headers(subject, msg_id, headers, body)
+            .await
     }
 
     pub async fn publish_with_headers(
@@ -289,7 +303,10 @@ impl Bus {
             subject: subject.to_owned(),
             reason,
         };
-        let publish = PublishMessage::build().headers(headers).message_id(msg_id).payload(body);
+        let publish = PublishMessage::build()
+            .headers(headers)
+            .message_id(msg_id)
+            .payload(body);
         let ack_future = self
             .jetstream
             .send_publish(subject.to_owned(), publish)
@@ -397,7 +414,11 @@ impl Bus {
                 Err(err)
                     if matches!(err.kind(), stream::DeleteMessageErrorKind::JetStream(js)
                         if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) => {}
-                Err(err) => return Err(consumer_error(format!("deleting sequence {sequence}: {err}"))),
+                Err(err) => {
+                    return Err(consumer_error(format!(
+                        "deleting sequence {sequence}: {err}"
+                    )))
+                }
             }
         }
         Ok(deleted)
@@ -459,7 +480,10 @@ mod tests {
         );
         let test = BusNames::new("t1a");
         assert_eq!(test.event_stream(), "T1A_ELAAOMS");
-        assert_eq!(test.subject(Step::Indexed), "t1a.elaaoms.v1.memories.indexed");
+        assert_eq!(
+            test.subject(Step::Indexed),
+            "t1a.elaaoms.v1.memories.indexed"
+        );
     }
 
     #[test]
