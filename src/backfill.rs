@@ -75,7 +75,9 @@ pub async fn backfill(args: BackfillArgs) -> Result<()> {
         .await
         .context("connecting to NATS")?;
     bus.ensure_streams().await.context("setting up streams")?;
-    let payloads = PayloadStore::local(&args.payloads.payload_dir);
+    let payloads = PayloadStore::from_config(&args.payloads)
+        .await
+        .context("opening the payload store")?;
     let client = elaaoms_ingest::backfill::ElevenLabsClient::new(&args.base_url, args.api_key)?;
     let parse_options = elaaoms_ingest::webhook::ParseOptions {
         web_caller_variable: args.web_caller_id_variable,

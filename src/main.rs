@@ -3,7 +3,10 @@
 
 mod backfill;
 mod bench;
+mod eval;
 mod operator;
+mod reembed;
+mod reextract;
 mod replay;
 
 use anyhow::{Context, Result};
@@ -54,6 +57,12 @@ enum Command {
     Backfill(backfill::BackfillArgs),
     /// Measure throughput and latency against baselines (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Precision and recall of an extractor on the labelled transcripts.
+    Eval(Box<eval::EvalArgs>),
+    /// Extract a period's conversations again from the stored transcripts.
+    Reextract(Box<reextract::ReextractArgs>),
+    /// Re-embed the memories embedded by another model than the configured one.
+    Reembed(Box<reembed::ReembedArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +152,9 @@ async fn main() -> Result<()> {
         Command::Replay(args) => replay::replay(args).await,
         Command::Backfill(args) => backfill::backfill(args).await,
         Command::Bench(args) => bench::bench(args).await,
+        Command::Eval(args) => eval::eval(*args).await,
+        Command::Reextract(args) => reextract::reextract(*args).await,
+        Command::Reembed(args) => reembed::reembed(*args).await,
     }
 }
 

@@ -53,6 +53,7 @@ impl RunningSystem {
         };
         let payload_config = PayloadStoreConfig {
             payload_dir: payloads.path().to_owned(),
+            payload_store_url: None,
         };
         let embedder = Embedder::local(std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -403,6 +404,158 @@ async fn a_retried_webhook_changes_nothing_and_bad_signatures_are_refused() {
     let unknown_body: serde_json::Value = unknown_org.json().await.unwrap();
     assert_eq!(unknown_body["error"]["message"], "signature does not match");
     assert!(!system.search(&api_key, MAYA, "allergy").await.is_empty());
+
+    system.stop().await;
+    bus.cleanup().await;
+}
+
+/// Every event of the pipeline's stream whose conversation is
+/// `conversation_id`: (step subject, `traceparent` header).
+async fn events_of(bus: &TestBus, conversation_id: &str) -> Vec<(String, Option<String>)> {
+    use elaaoms_shared::bus::{Envelope, Step};
+    use elaaoms_shared::events::{ConversationTranscribed, MemoriesExtracted, MemoriesIndexed};
+
+    let names = &bus.bus.names;
+    let mut stream = bus
+        .bus
+        .jetstream
+        .get_stream(names.event_stream())
+        .await
+        .unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut events = Vec::new();
+    for sequence in 1..=last {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue;
+        };
+        let subject = message.subject.to_string();
+        let payload = &message.payload;
+        let conversation = if subject == names.subject(Step::Transcribed) {
+            Envelope::<ConversationTranscribed>::decode(payload)
+                .unwrap()
+                .payload
+                .conversation_id
+        } else if subject == names.subject(Step::Extracted) {
+            Envelope::<MemoriesExtracted>::decode(payload)
+                .unwrap()
+                .payload
+                .conversation_id
+        } else if subject == names.subject(Step::Indexed) {
+            Envelope::<MemoriesIndexed>::decode(payload)
+                .unwrap()
+                .payload
+                .conversation_id
+        } else {
+            continue;
+        };
+        if conversation == conversation_id {
+            let traceparent = message
+                .headers
+                .get(elaaoms_shared::trace::TRACEPARENT_HEADER)
+                .map(|value| value.as_str().to_owned());
+            events.push((subject, traceparent));
+        }
+    }
+    events
+}
+
+/// The trace id of every step's event, once the indexed one is out.
+async fn trace_ids_of(bus: &TestBus, conversation_id: &str) -> Vec<String> {
+    use elaaoms_shared::trace::TraceParent;
+
+    let events = eventually(Duration::from_secs(90), || async {
+        let events = events_of(bus, conversation_id).await;
+        (events.len() == 3).then_some(events)
+    })
+    .await;
+    let subjects: Vec<&str> = events.iter().map(|(subject, _)| subject.as_str()).collect();
+    let names = &bus.bus.names;
+    use elaaoms_shared::bus::Step;
+    assert_eq!(
+        subjects,
+        [
+            names.subject(Step::Transcribed),
+            names.subject(Step::Extracted),
+            names.subject(Step::Indexed)
+        ]
+    );
+    let parsed: Vec<TraceParent> = events
+        .iter()
+        .map(|(subject, header)| {
+            let header = header
+                .as_deref()
+                .unwrap_or_else(|| panic!("{subject} has no traceparent"));
+            TraceParent::parse(header).unwrap_or_else(|| panic!("{subject}: bad {header}"))
+        })
+        .collect();
+    // Each step publishes its own span of the trace.
+    let spans: std::collections::HashSet<String> =
+        parsed.iter().map(TraceParent::span_id).collect();
+    assert_eq!(spans.len(), 3, "one span per step: {events:?}");
+    parsed.iter().map(TraceParent::trace_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_webhook_is_one_trace_through_the_pipeline() {
+    let database = TestDatabase::create().await;
+    let bus = TestBus::create().await;
+    database.create_organization(SLUG, SECRET).await;
+    let system = RunningSystem::start(&database, &bus).await;
+
+    // A sender's trace is continued...
+    let incoming_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let body = fixture("post_call_transcription_bakery_maya_2025-11-03.json");
+    let signature = elaaoms_ingest::signature::sign(SECRET, chrono::Utc::now().timestamp(), &body);
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/webhooks/elevenlabs/{SLUG}",
+            system.ingest_url
+        ))
+        .header("content-type", "application/json")
+        .header("elevenlabs-signature", signature)
+        .header(
+            "traceparent",
+            format!("00-{incoming_trace}-00f067aa0ba902b7-01"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // ...and a webhook without one (or with a malformed one) starts its own.
+    let body = fixture("post_call_transcription_dental_priya_2025-11-12.json");
+    let signature = elaaoms_ingest::signature::sign(SECRET, chrono::Utc::now().timestamp(), &body);
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/webhooks/elevenlabs/{SLUG}",
+            system.ingest_url
+        ))
+        .header("content-type", "application/json")
+        .header("elevenlabs-signature", signature)
+        .header("traceparent", "00-not-a-valid-trace-01")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let maya = trace_ids_of(&bus, "conv_wxgkkg26wh6wcecpnv68bert84").await;
+    assert_eq!(maya, vec![incoming_trace; 3]);
+    let priya = trace_ids_of(&bus, "conv_gvs3ebxbsrwhj3s2ppxn9kyhzt").await;
+    assert_eq!(priya, vec![priya[0].clone(); 3], "one trace: {priya:?}");
+    assert_ne!(priya[0], incoming_trace);
+
+    // The outbox row keeps the trace the relay would publish with.
+    let stored: Option<String> = sqlx::query_scalar(
+        "SELECT traceparent FROM outbox WHERE split_part(msg_id, ':', 2) = 'conv_wxgkkg26wh6wcecpnv68bert84'",
+    )
+    .fetch_one(&database.admin_pool)
+    .await
+    .unwrap();
+    assert!(
+        stored.is_some_and(|header| header.contains(incoming_trace)),
+        "outbox row's traceparent"
+    );
 
     system.stop().await;
     bus.cleanup().await;

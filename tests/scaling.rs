@@ -98,6 +98,7 @@ async fn workers_share_the_load_and_survive_being_killed() {
         bus: bus.config.clone(),
         payloads: PayloadStoreConfig {
             payload_dir: payloads.path().to_owned(),
+            payload_store_url: None,
         },
         settings: elaaoms_ingest::IngestSettings {
             addr: "127.0.0.1:0".parse().unwrap(),

@@ -2,7 +2,6 @@
 //! `memories.extracted` out.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use elaaoms_shared::domain::{ConversationStatus, ExtractedMemory, TransitionKind
 use elaaoms_shared::events::{ConversationTranscribed, MemoriesExtracted};
 use elaaoms_shared::payload_store::{PayloadKind, PayloadStore};
 use elaaoms_shared::telemetry;
+use elaaoms_shared::trace::TraceParent;
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::breaker::{Admission, CircuitBreakers};
 use crate::llm::{self, LlmRun};
+use crate::privacy::PrivacyPolicy;
 use crate::profiles::{AgentProfiles, ProfileSettings};
 use crate::prompt::{OpenIssue, PromptInput, PROMPT_VERSION};
 use crate::provider::{Anthropic, CallError, OpenAi, Provider, RetryPolicy};
@@ -91,12 +92,12 @@ impl Metrics {
     }
 }
 
-/// The organization's choice of extractor.
+/// The organization's choice of extractor (`organizations.llm_*`).
 #[derive(Debug, Clone, PartialEq)]
-struct OrganizationLlm {
-    provider: String,
-    model: Option<String>,
-    base_url: Option<String>,
+pub struct OrganizationLlm {
+    pub provider: String,
+    pub model: Option<String>,
+    pub base_url: Option<String>,
 }
 
 /// What is read from Postgres before extracting.
@@ -106,17 +107,24 @@ struct Context {
     /// The conversation's current generation, when the row exists.
     generation: Option<i32>,
     open_issues: Vec<OpenIssue>,
+    /// The organization's redaction classes for this caller.
+    privacy: PrivacyPolicy,
 }
 
-/// Builds providers from the configuration and an organization's row.
-struct Providers {
+/// Builds providers from the configuration and an organization's row (also
+/// for `elaaoms eval`, so it measures exactly what the worker runs).
+pub struct Providers {
     http: reqwest::Client,
     settings: LlmSettings,
 }
 
 impl Providers {
+    pub fn new(http: reqwest::Client, settings: LlmSettings) -> Self {
+        Self { http, settings }
+    }
+
     /// `None`: the offline rules extractor.
-    fn for_organization(
+    pub fn for_organization(
         &self,
         llm: &OrganizationLlm,
     ) -> Result<Option<Box<dyn Provider>>, CallError> {
@@ -215,7 +223,7 @@ impl ExtractHandler {
     pub(crate) fn new(
         pool: PgPool,
         bus: Bus,
-        payload_dir: &Path,
+        payloads: PayloadStore,
         settings: &ExtractorSettings,
         registry: &Registry,
     ) -> Self {
@@ -227,7 +235,7 @@ impl ExtractHandler {
         Self {
             pool,
             bus,
-            payloads: PayloadStore::local(payload_dir),
+            payloads,
             retry_policy: settings.llm.retry_policy(),
             breakers: CircuitBreakers::new(
                 settings.llm.breaker_threshold,
@@ -269,14 +277,14 @@ impl ExtractHandler {
         let erased = db::is_caller_erased(&mut tx, organization_id, &transcript.caller_id)
             .await
             .map_err(transient)?;
-        let row: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
-            "SELECT llm_provider, llm_model, llm_base_url FROM organizations WHERE id = $1",
+        let row: Option<(String, Option<String>, Option<String>, serde_json::Value)> = sqlx::query_as(
+            "SELECT llm_provider, llm_model, llm_base_url, privacy_settings FROM organizations WHERE id = $1",
         )
         .bind(organization_id)
         .fetch_optional(&mut *tx)
         .await
         .map_err(transient)?;
-        let Some((provider, model, base_url)) = row else {
+        let Some((provider, model, base_url, privacy_settings)) = row else {
             return Err(HandlerError::Permanent(format!(
                 "organization {organization_id} does not exist"
             )));
@@ -316,6 +324,7 @@ impl ExtractHandler {
             },
             generation,
             open_issues,
+            privacy: PrivacyPolicy::from_settings(&privacy_settings, transcript.caller_id.as_str()),
         })
     }
 
@@ -485,6 +494,7 @@ impl ExtractHandler {
     async fn publish(
         &self,
         event: &Envelope<ConversationTranscribed>,
+        trace: &TraceParent,
         extracted: MemoriesExtracted,
     ) -> Result<(), HandlerError> {
         let conversation_id = extracted.conversation_id.clone();
@@ -498,10 +508,11 @@ impl ExtractHandler {
             event.generation,
         );
         self.bus
-            .publish(
+            .publish_traced(
                 &self.bus.names.subject(Step::Extracted),
                 &msg_id,
                 event.organization_id,
+                Some(trace),
                 Bytes::from(body),
             )
             .await
@@ -544,8 +555,12 @@ impl Handler for ExtractHandler {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
         let mut event = Self::decode(delivery)?;
         self.resolve_payload_ref(&mut event).await?;
-        let transcript = &event.payload;
         let context = self.context(&event).await?;
+        // Redacted before any extractor reads it, so a provider never sees
+        // what we would not store; the memories are redacted again below
+        // (a model may reassemble what it was given in pieces).
+        event.payload.turns = context.privacy.redact_turns(&event.payload.turns);
+        let transcript = &event.payload;
         if context.erased {
             self.metrics.outcomes.with_label_values(&["erased"]).inc();
             tracing::info!(
@@ -592,6 +607,10 @@ impl Handler for ExtractHandler {
                 )
             }
         };
+        let memories: Vec<ExtractedMemory> = memories
+            .into_iter()
+            .map(|memory| context.privacy.redact_memory(memory))
+            .collect();
         let label = provider
             .as_ref()
             .map_or("rules", |provider| provider.name());
@@ -608,6 +627,7 @@ impl Handler for ExtractHandler {
         );
         self.publish(
             &event,
+            &delivery.trace,
             MemoriesExtracted {
                 conversation_id: transcript.conversation_id.clone(),
                 agent_id: transcript.agent_id.clone(),

@@ -9,13 +9,16 @@
 //! validation), `provider` (the providers and the retries of one call),
 //! `llm` (one extraction: a call and at most one repair), `breaker` (the
 //! per-organization circuit breaker), `profiles` (ElevenLabs agent
-//! profiles), `handler` (the consumer-loop handler), `dlq` (listing and
-//! replaying dead letters, for `elaaoms replay`).
+//! profiles), `privacy` (redaction before anything leaves), `handler` (the consumer-loop handler), `dlq` (listing and
+//! replaying dead letters, for `elaaoms replay`), `eval` (precision and recall
+//! on a labelled set, for `elaaoms eval`).
 
 pub mod breaker;
 pub mod dlq;
+pub mod eval;
 mod handler;
 pub mod llm;
+pub mod privacy;
 pub mod profiles;
 pub mod prompt;
 pub mod provider;
@@ -34,6 +37,7 @@ use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
 use handler::ExtractHandler;
+pub use handler::{OrganizationLlm, Providers};
 pub use settings::{AgentProfileSettings, ExtractorSettings, LlmSettings};
 
 pub const SERVICE_NAME: &str = "extractor";
@@ -60,6 +64,8 @@ pub enum ExtractorError {
     Bus(#[from] BusError),
     #[error("extractor cannot listen: {0}")]
     Listen(#[from] std::io::Error),
+    #[error("extractor payload store: {0}")]
+    PayloadStore(#[from] elaaoms_shared::payload_store::PayloadStoreError),
 }
 
 pub struct ExtractorService {
@@ -76,10 +82,12 @@ impl ExtractorService {
         let bus = Bus::connect(&config.bus).await?;
         bus.ensure_streams().await?;
         let registry = Registry::new();
+        let payloads =
+            elaaoms_shared::payload_store::PayloadStore::from_config(&config.payloads).await?;
         let handler = Arc::new(ExtractHandler::new(
             pool.clone(),
             bus.clone(),
-            &config.payloads.payload_dir,
+            payloads,
             &config.settings,
             &registry,
         ));

@@ -93,6 +93,7 @@ impl Harness {
             },
             payloads: PayloadStoreConfig {
                 payload_dir: self.payloads.path().to_owned(),
+                payload_store_url: None,
             },
             settings: ExtractorSettings {
                 health_addr: "127.0.0.1:0".parse().unwrap(),
@@ -849,6 +850,88 @@ async fn a_transcript_sent_by_reference_is_read_from_the_payload_store() {
         "the turns came from the payload file: {:?}",
         event.payload.memories
     );
+    running.stop().await;
+    harness.bus.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_card_number_in_a_transcript_never_reaches_the_extracted_event() {
+    let harness = Harness::new().await;
+    let (openai, anthropic) = (MockServer::start().await, MockServer::start().await);
+    let organization = harness.organization("shop-private", "openai", None).await;
+    sqlx::query("UPDATE organizations SET privacy_settings = $2 WHERE id = $1")
+        .bind(organization)
+        .bind(json!({"redact": ["email"]}))
+        .execute(&harness.database.admin_pool)
+        .await
+        .unwrap();
+    let rules_org = harness.organization("shop-rules", "rules", None).await;
+    let caller = "+14155550142";
+    harness
+        .conversation(organization, "conv_card_llm", caller)
+        .await;
+    harness
+        .conversation(rules_org, "conv_card_rules", caller)
+        .await;
+    // A model that repeats the card number anyway (as if it had seen it).
+    let answer = json!({
+        "memories": [{
+            "content": "The caller wants card 4111 1111 1111 1111 kept on file; receipts to maya.chen@example.com.",
+            "type": "preference",
+            "importance": 6,
+            "confidence": 0.9,
+            "source_quote": "keep my card 4111-1111-1111-1111 on file"
+        }],
+        "resolved_issue_ids": []
+    });
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(openai_body(&answer.to_string())))
+        .mount(&openai)
+        .await;
+    let settings = ExtractorSettings {
+        llm: llm_settings(&openai, &anthropic),
+        ..ExtractorSettings::default()
+    };
+    let running = harness.start(settings, 3).await;
+    let line = "Please keep my card 4111 1111 1111 1111 on file, my SSN is 123-45-6789, \
+                and I prefer morning appointments.";
+    harness
+        .publish_transcript(organization, "conv_card_llm", caller, line)
+        .await;
+    harness
+        .publish_transcript(rules_org, "conv_card_rules", caller, line)
+        .await;
+
+    for conversation in ["conv_card_llm", "conv_card_rules"] {
+        let event = harness.wait_for_extracted(conversation, 1).await;
+        let text = serde_json::to_string(&event.payload).unwrap();
+        for secret in ["4111", "123-45-6789", "maya.chen@example.com"] {
+            assert!(
+                !text.contains(secret),
+                "{conversation} leaked {secret}: {text}"
+            );
+        }
+        if conversation == "conv_card_llm" {
+            let memory = &event.payload.memories[0];
+            assert_eq!(
+                memory.content.as_str(),
+                "The caller wants card [redacted card number] kept on file; receipts to [redacted email]."
+            );
+            assert_eq!(
+                memory.source_quote.as_deref(),
+                Some("keep my card [redacted card number] on file")
+            );
+        }
+    }
+    // The provider never saw the numbers either.
+    let requests = openai.received_requests().await.unwrap();
+    let sent = String::from_utf8_lossy(&requests[0].body).into_owned();
+    assert!(
+        !sent.contains("4111") && !sent.contains("123-45-6789"),
+        "{sent}"
+    );
+    assert!(sent.contains("[redacted card number]"), "{sent}");
     running.stop().await;
     harness.bus.cleanup().await;
 }

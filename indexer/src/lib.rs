@@ -283,10 +283,11 @@ impl Handler for IndexHandler {
             event.generation,
         );
         self.bus
-            .publish(
+            .publish_traced(
                 &self.bus.names.subject(Step::Indexed),
                 &msg_id,
                 event.organization_id,
+                Some(&delivery.trace),
                 Bytes::from(body),
             )
             .await

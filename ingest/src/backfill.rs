@@ -318,6 +318,8 @@ impl Backfill<'_> {
                 &transcription,
                 caller_id,
                 &key,
+                // A backfilled conversation starts its own trace.
+                &elaaoms_shared::trace::TraceParent::new_root(),
             )
             .await
             .map_err(|source| BackfillError::Record {

@@ -27,8 +27,9 @@ use elaaoms_shared::config::{parse_duration, BusConfig, DatabaseConfig, PayloadS
 use elaaoms_shared::db::{self, DbError};
 use elaaoms_shared::domain::ConversationStatus;
 use elaaoms_shared::http::ApiError;
-use elaaoms_shared::payload_store::{PayloadKind, PayloadStore};
+use elaaoms_shared::payload_store::{PayloadKind, PayloadStore, PayloadStoreError};
 use elaaoms_shared::telemetry::{self, Health};
+use elaaoms_shared::trace::{TraceParent, TRACEPARENT_HEADER};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -80,6 +81,11 @@ pub struct IngestSettings {
     /// Outbox rows younger than this are left to the request that wrote them.
     #[arg(id = "outbox_relay_grace", long = "outbox-relay-grace", env = "OUTBOX_RELAY_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub outbox_relay_grace: Duration,
+    /// A conversation in extraction_pending for longer than this is counted
+    /// by the gauge `elaaoms_conversations_extraction_pending_stuck` (the
+    /// relay measures it each pass; the retry schedule ends well before).
+    #[arg(id = "extraction_stuck_after", long = "extraction-stuck-after", env = "EXTRACTION_STUCK_AFTER", default_value = "1h", value_parser = parse_duration)]
+    pub extraction_stuck_after: Duration,
     /// How long a webhook request waits for JetStream's PubAck before it
     /// answers 200 anyway and leaves the event to the outbox relay.
     #[arg(id = "webhook_publish_deadline", long = "webhook-publish-deadline", env = "WEBHOOK_PUBLISH_DEADLINE", default_value = "2s", value_parser = parse_duration)]
@@ -100,6 +106,7 @@ impl Default for IngestSettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             outbox_relay_interval: Duration::from_secs(5),
             outbox_relay_grace: Duration::from_secs(10),
+            extraction_stuck_after: Duration::from_secs(3600),
             publish_deadline: Duration::from_secs(2),
             web_caller_id_variable: webhook::DEFAULT_WEB_CALLER_VARIABLE.to_owned(),
         }
@@ -114,6 +121,8 @@ pub enum IngestError {
     Bus(#[from] BusError),
     #[error("ingest cannot listen: {0}")]
     Listen(#[from] std::io::Error),
+    #[error("ingest payload store: {0}")]
+    PayloadStore(#[from] PayloadStoreError),
 }
 
 /// Signatures this old are still valid but suspicious: ElevenLabs sends at
@@ -126,6 +135,7 @@ struct Metrics {
     stale_signatures: IntCounter,
     publish_deferred: IntCounter,
     publish_seconds: HistogramVec,
+    backlog: outbox::BacklogGauges,
 }
 
 impl Metrics {
@@ -178,6 +188,7 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            backlog: outbox::BacklogGauges::register(registry),
         }
     }
 
@@ -225,7 +236,7 @@ impl IngestService {
         let state = Arc::new(AppState {
             pool: pool.clone(),
             bus: bus.clone(),
-            payloads: PayloadStore::local(&config.payloads.payload_dir),
+            payloads: PayloadStore::from_config(&config.payloads).await?,
             signature_tolerance_secs: settings.signature_tolerance.as_secs() as i64,
             publish_deadline: settings.publish_deadline,
             parse_options: ParseOptions {
@@ -251,6 +262,7 @@ impl IngestService {
             relay: outbox::RelaySettings {
                 interval: settings.outbox_relay_interval,
                 grace: settings.outbox_relay_grace,
+                extraction_stuck_after: settings.extraction_stuck_after,
             },
         })
     }
@@ -273,6 +285,7 @@ impl IngestService {
                 .metrics
                 .publish_seconds
                 .with_label_values(&["relay"]),
+            self.state.metrics.backlog.clone(),
             shutdown.clone(),
         ));
         let served = axum::serve(self.listener, self.router)
@@ -350,7 +363,21 @@ async fn handle_webhook(
     })?;
     *kind = webhook.kind();
     let conversation_id = webhook.conversation_id().clone();
-    let span = tracing::info_span!("webhook", kind = *kind, conversation_id = conversation_id.as_str(), %organization_id);
+    // One trace per webhook, continued from the sender's `traceparent`
+    // when it sends a valid one; the transcript's event carries it on.
+    let trace = TraceParent::continue_or_start(
+        headers
+            .get(TRACEPARENT_HEADER)
+            .and_then(|value| value.to_str().ok()),
+    );
+    let span = tracing::info_span!(
+        "webhook",
+        kind = *kind,
+        conversation_id = conversation_id.as_str(),
+        %organization_id,
+        trace_id = trace.trace_id(),
+        span_id = trace.span_id()
+    );
     let _entered = span.enter();
 
     let (outcome, extraction) = match webhook {
@@ -359,7 +386,8 @@ async fn handle_webhook(
                 state,
                 conversation_id.as_str(),
                 PayloadKind::Transcription,
-                body.to_vec(),
+                // Shares the request's buffer: no copy of the body.
+                body.clone(),
             )
             .await?;
             let Some(caller_id) = transcription.caller_id.as_ref() else {
@@ -383,6 +411,7 @@ async fn handle_webhook(
                 &transcription,
                 caller_id,
                 &payload_key,
+                &trace,
             )
             .await
             .map_err(|err| ApiError::unavailable("cannot record transcription", &err))?;
@@ -406,7 +435,7 @@ async fn handle_webhook(
                 state,
                 conversation_id.as_str(),
                 PayloadKind::Audio,
-                audio.mp3,
+                Bytes::from(audio.mp3),
             )
             .await?;
             ("accepted", "none")
@@ -416,7 +445,7 @@ async fn handle_webhook(
                 state,
                 conversation_id.as_str(),
                 PayloadKind::Failure,
-                body.to_vec(),
+                body.clone(),
             )
             .await?;
             persist::record_initiation_failure(&state.pool, organization_id, &failure)
@@ -537,17 +566,13 @@ async fn store_payload(
     state: &AppState,
     conversation_id: &str,
     kind: PayloadKind,
-    bytes: Vec<u8>,
+    bytes: Bytes,
 ) -> Result<String, ApiError> {
     state
         .payloads
         .put(conversation_id, kind, bytes)
         .await
-        .map_err(|err| ApiError::unavailable("cannot store the payload", &err))?;
-    state
-        .payloads
-        .key_of(conversation_id, kind)
-        .map_err(|err| ApiError::unavailable("cannot name the payload", &err))
+        .map_err(|err| ApiError::unavailable("cannot store the payload", &err))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use elaaoms_shared::bus::{event_msg_id, Bus, Envelope, Step};
 use elaaoms_shared::db::{self, transition_conversation};
 use elaaoms_shared::domain::{CallerId, ConversationStatus, TransitionKind};
 use elaaoms_shared::events::ConversationTranscribed;
+use elaaoms_shared::trace::TraceParent;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -27,6 +28,9 @@ pub struct OutboxRow {
     pub subject: String,
     pub msg_id: String,
     pub body: Vec<u8>,
+    /// The W3C `traceparent` to publish with (NULL on rows older than the
+    /// column).
+    pub traceparent: Option<String>,
 }
 
 async fn ensure_agent_and_caller(
@@ -104,7 +108,8 @@ pub struct RecordedTranscription {
 /// transcript for one already extracted (or failed) is acknowledged and not
 /// extracted again; replays are an operator's decision. `payload_key` is the
 /// payload store's key of the stored body, used when the event is too large
-/// to carry the turns.
+/// to carry the turns. `trace` is the webhook's span of its trace: the event
+/// is published with it as its `traceparent`.
 pub async fn record_transcription(
     pool: &PgPool,
     bus: &Bus,
@@ -112,6 +117,7 @@ pub async fn record_transcription(
     transcription: &Transcription,
     caller_id: &CallerId,
     payload_key: &str,
+    trace: &TraceParent,
 ) -> Result<RecordedTranscription, PersistError> {
     let conversation_id = transcription.conversation_id.as_str();
     let caller_id = caller_id.as_str();
@@ -213,18 +219,20 @@ pub async fn record_transcription(
             by_reference = true;
         }
         sqlx::query(
-            "INSERT INTO outbox (organization_id, subject, msg_id, body) VALUES ($1, $2, $3, $4)
+            "INSERT INTO outbox (organization_id, subject, msg_id, body, traceparent)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (msg_id) DO NOTHING",
         )
         .bind(organization_id)
         .bind(bus.names.subject(Step::Transcribed))
         .bind(&msg_id)
         .bind(body)
+        .bind(trace.to_string())
         .execute(&mut *tx)
         .await?;
     }
     let pending: Option<OutboxRow> = sqlx::query_as(
-        "SELECT id, subject, msg_id, body FROM outbox
+        "SELECT id, subject, msg_id, body, traceparent FROM outbox
           WHERE organization_id = $1 AND msg_id = $2 AND published_at IS NULL",
     )
     .bind(organization_id)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use elaaoms_ingest::IngestSettings;
 use elaaoms_shared::config::BusConfig;
 use elaaoms_shared::test_support::TestBus;
 use tokio::net::{TcpListener, TcpStream};
@@ -149,7 +150,13 @@ async fn with_jetstream_down_webhooks_get_200_and_the_relay_publishes_exactly_on
         ..harness.bus.config.clone()
     })
     .await;
-    harness.start_ingest(test_settings()).await;
+    harness
+        .start_ingest(IngestSettings {
+            // So that the backlog gauges count this test's conversation.
+            extraction_stuck_after: Duration::from_millis(500),
+            ..test_settings()
+        })
+        .await;
 
     nats.stop();
     let (status, answer) = harness.post_signed(fixture(MAYA_FIXTURE)).await;
@@ -170,6 +177,23 @@ async fn with_jetstream_down_webhooks_get_200_and_the_relay_publishes_exactly_on
         .metrics()
         .await
         .contains("elaaoms_ingest_publish_deferred_total 1"));
+    // The relay, unable to publish, reports the backlog the alerts watch.
+    let metrics = eventually(Duration::from_secs(60), "the backlog gauges", || async {
+        let metrics = harness.metrics().await;
+        (gauge(&metrics, "elaaoms_outbox_unpublished") == Some(1.0)
+            && gauge(&metrics, "elaaoms_conversations_extraction_pending_stuck") == Some(1.0))
+        .then_some(metrics)
+    })
+    .await;
+    assert!(gauge(&metrics, "elaaoms_outbox_oldest_unpublished_seconds").unwrap() >= 1.0);
+    assert!(
+        gauge(
+            &metrics,
+            "elaaoms_conversations_extraction_pending_oldest_seconds"
+        )
+        .unwrap()
+            > 0.5
+    );
 
     nats.restart().await;
     let sequence = eventually(Duration::from_secs(60), "the relay publishes", || async {
@@ -190,7 +214,26 @@ async fn with_jetstream_down_webhooks_get_200_and_the_relay_publishes_exactly_on
     }
     let event = stream_event(&harness.bus, 1).await;
     assert_eq!(event.payload.conversation_id, MAYA_CONVERSATION);
+    // Published: the outbox backlog is gone (the conversation still waits
+    // for an extractor, which this test does not run).
+    eventually(
+        Duration::from_secs(30),
+        "the outbox gauge clears",
+        || async {
+            let metrics = harness.metrics().await;
+            (gauge(&metrics, "elaaoms_outbox_unpublished") == Some(0.0)).then_some(())
+        },
+    )
+    .await;
     harness.stop().await;
+}
+
+/// The value of an unlabelled metric in Prometheus' text format.
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
 }
 
 #[tokio::test]
@@ -310,6 +353,7 @@ async fn a_crash_between_commit_and_publish_loses_nothing() {
         &transcription,
         transcription.caller_id.as_ref().unwrap(),
         "conv_gvs3ebxbsrwhj3s2ppxn9kyhzt/conv_gvs3ebxbsrwhj3s2ppxn9kyhzt_transcription.json",
+        &elaaoms_shared::trace::TraceParent::new_root(),
     )
     .await
     .unwrap();

@@ -440,6 +440,7 @@ async fn an_unpublished_outbox_row_is_published_by_the_next_delivery() {
         &transcription,
         transcription.caller_id.as_ref().unwrap(),
         "unused",
+        &elaaoms_shared::trace::TraceParent::new_root(),
     )
     .await
     .unwrap();

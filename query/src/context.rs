@@ -77,14 +77,14 @@ impl ContextTokenizer {
     }
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub(crate) struct CallerSummary {
     pub first_seen_at: DateTime<Utc>,
     pub last_seen_at: DateTime<Utc>,
     pub total_conversations: i32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub(crate) struct CallerContext {
     pub caller_id: String,
     /// The agent whose view applied; `null` for all memories.
@@ -329,6 +329,18 @@ pub(crate) fn render(
     (text, tokens)
 }
 
+/// The pre-call context of a caller as one agent sees it.
+#[utoipa::path(
+    get,
+    path = "/v1/callers/{caller_id}/context",
+    tag = "memories",
+    params(
+        ("caller_id" = String, Path, description = "The caller's phone number or id"),
+        ("agent_id" = Option<String>, Query, description = "The agent about to take the call; without it, every memory", min_length = 1, max_length = 256),
+    ),
+    responses((status = 200, description = "The context (an unknown caller gets an empty one)", body = CallerContext)),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn context(
     State(state): State<AppState>,
     organization: Organization,

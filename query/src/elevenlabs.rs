@@ -143,6 +143,51 @@ enum InitFailure {
     Unavailable(String),
 }
 
+/// ElevenLabs' request (every field optional: a bad one must not break the
+/// call).
+#[derive(utoipa::ToSchema)]
+#[schema(as = ConversationInitRequest)]
+#[allow(dead_code)]
+pub(crate) struct InitRequestSchema {
+    caller_id: Option<String>,
+    agent_id: Option<String>,
+    called_number: Option<String>,
+    call_sid: Option<String>,
+}
+
+/// The answer ElevenLabs expects.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub(crate) struct InitAnswer {
+    /// Always `conversation_initiation_client_data`.
+    #[serde(rename = "type")]
+    #[schema(
+        example = "conversation_initiation_client_data",
+        pattern = "^conversation_initiation_client_data$"
+    )]
+    kind: String,
+    /// Every documented variable (`caller_memory_context`,
+    /// `caller_is_returning`, `caller_name`, ...) plus the organization's
+    /// defaults; string, number or boolean values only.
+    dynamic_variables: std::collections::HashMap<String, crate::openapi::DynamicVariable>,
+}
+
+/// The conversation-initiation webhook: the caller's dynamic variables
+/// before the agent speaks. Always 200 within the deadline (defaults on any
+/// failure), except 401 for a wrong organization or secret.
+#[utoipa::path(
+    post,
+    path = "/v1/elevenlabs/conversation-init/{org}",
+    tag = "elevenlabs",
+    params(("org" = String, Path, description = "The organization's slug")),
+    request_body = InitRequestSchema,
+    responses(
+        (status = 200, description = "The dynamic variables", body = InitAnswer),
+        (status = 401, description = "Unknown organization or wrong agent secret", body = crate::openapi::ErrorBody),
+        (status = 413, description = "The body is larger than 64 KiB", body = crate::openapi::ErrorBody),
+    ),
+    security(("agent_secret" = [])),
+)]
 pub(crate) async fn conversation_init(
     State(state): State<AppState>,
     Path(slug): Path<String>,

@@ -25,7 +25,6 @@
 //! still sweeps the streams, which may hold a caller the database never saw.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 
 use axum::extract::{Path, State};
 use axum::Json;
@@ -33,7 +32,6 @@ use elaaoms_shared::bus::{Envelope, ORGANIZATION_HEADER};
 use elaaoms_shared::db::caller_hash;
 use elaaoms_shared::domain::CallerId;
 use elaaoms_shared::http::ApiError;
-use elaaoms_shared::payload_store::{PayloadKind, PayloadStore};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -41,7 +39,7 @@ use crate::auth::Organization;
 use crate::error::database_error;
 use crate::AppState;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ErasureReport {
     pub caller_id: String,
     /// Whether the organization had a caller row for this number.
@@ -68,6 +66,16 @@ struct CallerRef {
 const CONVERSATIONS_SQL: &str =
     "SELECT conversation_id FROM conversations WHERE organization_id = $1 AND caller_id = $2";
 
+/// Erases everything the organization holds about a caller (irreversible,
+/// audited, idempotent).
+#[utoipa::path(
+    delete,
+    path = "/v1/callers/{caller_id}",
+    tag = "memories",
+    params(("caller_id" = String, Path, description = "The caller's phone number or id")),
+    responses((status = 200, description = "What was removed; zero counts when nothing was left", body = ErasureReport)),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn erase_caller(
     State(state): State<AppState>,
     organization: Organization,
@@ -248,24 +256,17 @@ async fn execute(
         .rows_affected())
 }
 
-/// Removes `{PAYLOAD_DIR}/{conversation_id}/` of each conversation; returns
-/// how many existed.
+/// Deletes every payload of each conversation (locally its
+/// `{PAYLOAD_DIR}/{conversation_id}/` directory); returns how many existed.
 async fn delete_payload_dirs(state: &AppState, conversations: &[String]) -> Result<u64, ApiError> {
-    let store = PayloadStore::local(&state.payload_dir);
-    let dirs: Vec<PathBuf> = conversations
-        .iter()
-        // An id the store refuses can have no directory.
-        .filter_map(|id| store.path_of(id, PayloadKind::Transcription).ok())
-        .filter_map(|path| path.parent().map(PathBuf::from))
-        .collect();
     let mut deleted = 0;
-    for dir in dirs {
-        match tokio::fs::remove_dir_all(&dir).await {
-            Ok(()) => deleted += 1,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+    for conversation_id in conversations {
+        match state.payloads.delete_conversation(conversation_id).await {
+            Ok(true) => deleted += 1,
+            Ok(false) => {}
             Err(err) => {
                 return Err(ApiError::unavailable(
-                    &format!("erasure: deleting payload directory {}", dir.display()),
+                    &format!("erasure: deleting the payloads of {conversation_id}"),
                     &err,
                 ))
             }

@@ -33,6 +33,8 @@ pub enum QueryError {
     },
     #[error("query service: serving HTTP failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("query service: payload store: {0}")]
+    PayloadStore(#[source] elaaoms_shared::payload_store::PayloadStoreError),
 }
 
 /// A database error in a request: 503 when Postgres is unreachable or the

@@ -10,7 +10,8 @@
 //! * the ElevenLabs agent endpoints `POST /v1/elevenlabs/conversation-init/{org}`
 //!   and `POST /v1/elevenlabs/tools/search/{org}` (authenticated by the
 //!   organization's agent secret header instead of an API key);
-//! * `/healthz`, `/readyz`, `/metrics`.
+//! * `/healthz`, `/readyz`, `/metrics`;
+//! * `/openapi.json`: the OpenAPI 3.1 document, unauthenticated.
 //!
 //! Every tenant route authenticates an organization API key
 //! (`Authorization: Bearer <key>`) and then touches data only inside
@@ -28,16 +29,17 @@ mod manage;
 mod memories;
 mod memory;
 mod metrics;
+mod openapi;
 mod search;
 mod tool;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use elaaoms_shared::bus::Bus;
 use elaaoms_shared::config::{
@@ -49,12 +51,16 @@ use elaaoms_shared::telemetry::{health_router, Health};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use agent_auth::{generate_agent_secret, hash_agent_secret, AGENT_SECRET_HEADER};
 pub use context::{ContextTokenizer, CONTEXT_MAX_TOKENS};
 pub use elevenlabs::DOCUMENTED_VARIABLES;
 pub use error::QueryError;
 pub use memories::{list_sql, DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT};
+pub use openapi::{AGENT_SECRET_SCHEME, BEARER_SCHEME};
 pub use search::search_sql;
 pub use tool::CALLER_TOKEN_HEADER;
 
@@ -134,7 +140,7 @@ pub(crate) struct AppState {
     pub embeddings: embedding_cache::EmbeddingCache,
     pub metrics: metrics::Metrics,
     pub bus: Bus,
-    pub payload_dir: PathBuf,
+    pub payloads: elaaoms_shared::payload_store::PayloadStore,
     pub tokenizer: Arc<ContextTokenizer>,
     pub agent_auth: agent_auth::AgentAuthCache,
     pub init_deadline: Duration,
@@ -190,7 +196,9 @@ impl QueryService {
             ),
             metrics: metrics::Metrics::register(&registry),
             bus,
-            payload_dir: config.payloads.payload_dir.clone(),
+            payloads: elaaoms_shared::payload_store::PayloadStore::from_config(&config.payloads)
+                .await
+                .map_err(QueryError::PayloadStore)?,
             tokenizer: Arc::new(tokenizer),
             agent_auth: agent_auth::AgentAuthCache::default(),
             init_deadline: config.settings.init_deadline,
@@ -231,31 +239,44 @@ impl QueryService {
     }
 }
 
+/// The tenant and agent routes, each registered with its OpenAPI
+/// description (`routes!` takes the handler's `#[utoipa::path]`), so the
+/// document cannot miss a route the service answers.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(search::search))
+        .routes(routes!(memories::list))
+        .routes(routes!(context::context))
+        .routes(routes!(erasure::erase_caller))
+        .routes(routes!(manage::get_memory, manage::delete_memory))
+        .routes(routes!(manage::get_conversation))
+        .routes(routes!(elevenlabs::conversation_init))
+        .routes(routes!(tool::search_tool))
+}
+
+/// The OpenAPI document the service serves at `/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let (_, mut document) = api_routes().split_for_parts();
+    openapi::add_error_responses(&mut document);
+    document
+}
+
 fn router(state: AppState, health: Health) -> Router {
-    let api = Router::new()
-        .route("/v1/search", post(search::search))
-        .route("/v1/callers/{caller_id}/memories", get(memories::list))
-        .route("/v1/callers/{caller_id}/context", get(context::context))
-        .route(
-            "/v1/callers/{caller_id}",
-            axum::routing::delete(erasure::erase_caller),
-        )
-        .route(
-            "/v1/memories/{memory_id}",
-            get(manage::get_memory).delete(manage::delete_memory),
-        )
-        .route(
-            "/v1/conversations/{conversation_id}",
-            get(manage::get_conversation),
-        )
-        .route(
-            "/v1/elevenlabs/conversation-init/{org}",
-            post(elevenlabs::conversation_init),
-        )
-        .route("/v1/elevenlabs/tools/search/{org}", post(tool::search_tool))
+    let (api, mut document) = api_routes().split_for_parts();
+    openapi::add_error_responses(&mut document);
+    let document = Bytes::from(
+        document
+            .to_json()
+            .expect("the OpenAPI document serializes (it is built from static descriptions)"),
+    );
+    let api = api
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state.clone());
-    api.merge(health_router(health))
+    let docs = Router::new()
+        .route("/openapi.json", get(openapi::serve))
+        .with_state(document);
+    api.merge(docs)
+        .merge(health_router(health))
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.metrics,

@@ -16,7 +16,7 @@ use crate::error::database_error;
 use crate::memory::{MemoryView, MEMORY_COLUMNS};
 use crate::AppState;
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub(crate) struct MemoryDetail {
     #[serde(flatten)]
     #[sqlx(flatten)]
@@ -26,13 +26,13 @@ pub(crate) struct MemoryDetail {
     pub embedding_model: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct MemoryDeleted {
     pub memory_id: Uuid,
     pub deleted: bool,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub(crate) struct ConversationView {
     pub conversation_id: String,
     pub agent_id: String,
@@ -53,6 +53,18 @@ fn memory_id(raw: &str) -> Result<Uuid, ValidationError> {
     Uuid::parse_str(raw).map_err(|_| ValidationError::new("memory_id", "must be a UUID"))
 }
 
+/// One memory with every field.
+#[utoipa::path(
+    get,
+    path = "/v1/memories/{memory_id}",
+    tag = "memories",
+    params(("memory_id" = uuid::Uuid, Path, description = "The memory's id")),
+    responses(
+        (status = 200, description = "The memory", body = MemoryDetail),
+        (status = 404, description = "No such memory in this organization", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn get_memory(
     State(state): State<AppState>,
     organization: Organization,
@@ -79,6 +91,18 @@ pub(crate) async fn get_memory(
         .ok_or_else(|| ApiError::not_found("memory not found"))
 }
 
+/// Deletes one memory and its sources.
+#[utoipa::path(
+    delete,
+    path = "/v1/memories/{memory_id}",
+    tag = "memories",
+    params(("memory_id" = uuid::Uuid, Path, description = "The memory's id")),
+    responses(
+        (status = 200, description = "Deleted", body = MemoryDeleted),
+        (status = 404, description = "No such memory in this organization", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn delete_memory(
     State(state): State<AppState>,
     organization: Organization,
@@ -108,6 +132,18 @@ pub(crate) async fn delete_memory(
     }))
 }
 
+/// A conversation's processing status.
+#[utoipa::path(
+    get,
+    path = "/v1/conversations/{conversation_id}",
+    tag = "memories",
+    params(("conversation_id" = String, Path, description = "The ElevenLabs conversation id")),
+    responses(
+        (status = 200, description = "The conversation", body = ConversationView),
+        (status = 404, description = "No such conversation in this organization", body = crate::openapi::ErrorBody),
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn get_conversation(
     State(state): State<AppState>,
     organization: Organization,

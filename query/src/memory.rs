@@ -10,13 +10,16 @@ pub(crate) const MEMORY_COLUMNS: &str = "m.id AS memory_id, m.content, m.type, m
      m.is_shareable, m.confidence, m.reinforcement_count, m.status, m.created_at, \
      m.last_reinforced_at, m.agent_id, m.conversation_id, m.metadata";
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub(crate) struct MemoryView {
     pub memory_id: Uuid,
     pub content: String,
+    /// factual, preference, issue, emotion or relationship.
     #[serde(rename = "type")]
+    #[schema(value_type = crate::openapi::MemoryTypeName)]
     #[sqlx(rename = "type")]
     pub memory_type: String,
+    #[schema(minimum = 1, maximum = 10)]
     pub importance: i16,
     pub is_shareable: bool,
     pub confidence: f32,
@@ -30,5 +33,6 @@ pub(crate) struct MemoryView {
     /// The conversation the memory was first extracted from.
     pub conversation_id: String,
     /// Source quotes, earlier conflicting values and their dates.
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
 }

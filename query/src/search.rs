@@ -74,7 +74,7 @@ impl SearchRequest {
     }
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub(crate) struct SearchResult {
     #[serde(flatten)]
     #[sqlx(flatten)]
@@ -83,13 +83,72 @@ pub(crate) struct SearchResult {
     pub score: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct SearchResponse {
     /// Best first.
     pub results: Vec<SearchResult>,
     pub query_time_ms: f64,
 }
 
+/// The documented shape of the request body (the handler validates it by
+/// hand, see [`parse_search_request`]).
+pub(crate) mod schema {
+    use chrono::{DateTime, Utc};
+
+    use crate::openapi::MemoryTypeName;
+
+    /// The seed's Memory Search Query. `null` counts as absent; any other
+    /// field is refused with a 422 naming it.
+    #[derive(serde::Deserialize, utoipa::ToSchema)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    pub(crate) struct SearchRequest {
+        /// What to look for, in plain words.
+        #[schema(
+            min_length = 1,
+            max_length = 1000,
+            example = "Does the caller have allergies?"
+        )]
+        pub query_text: String,
+        /// The caller whose memories are searched (usually a phone number).
+        #[schema(min_length = 1, max_length = 256, example = "+14155550123")]
+        pub caller_id: String,
+        /// The agent asking: without `search_all_agents`, only its own
+        /// memories and what the sharing policy makes visible.
+        #[schema(min_length = 1, max_length = 256)]
+        pub agent_id: Option<String>,
+        /// Search every agent's memories of the caller.
+        #[schema(default = false)]
+        pub search_all_agents: Option<bool>,
+        /// Minimum cosine similarity of a result.
+        #[schema(minimum = 0.0, maximum = 1.0, default = 0.7)]
+        pub relevance_threshold: Option<f64>,
+        /// Maximum number of results.
+        #[schema(minimum = 1, maximum = 100, default = 5)]
+        pub result_limit: Option<i64>,
+        /// Only these memory types.
+        #[schema(min_items = 1)]
+        pub types: Option<Vec<MemoryTypeName>>,
+        /// Only memories at least this important.
+        #[schema(minimum = 1, maximum = 10)]
+        pub min_importance: Option<i64>,
+        /// The current conversation (validated, does not change results).
+        #[schema(min_length = 1, max_length = 256)]
+        pub conversation_id: Option<String>,
+        /// When the query was made (accepted, does not change results).
+        pub timestamp: Option<DateTime<Utc>>,
+    }
+}
+
+/// Semantic search over one caller's memories, ranked by cosine similarity.
+#[utoipa::path(
+    post,
+    path = "/v1/search",
+    tag = "search",
+    request_body = schema::SearchRequest,
+    responses((status = 200, description = "Results, best first", body = SearchResponse)),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn search(
     State(state): State<AppState>,
     organization: Organization,

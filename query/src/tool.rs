@@ -48,17 +48,18 @@ pub const CALLER_TOKEN_HEADER: &str = "x-elaaoms-caller-token";
 const TOOL_RELEVANCE_THRESHOLD: f64 = 0.3;
 const TOOL_RESULT_LIMIT: i64 = 5;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ToolMemory {
     pub content: String,
     #[serde(rename = "type")]
+    #[schema(value_type = crate::openapi::MemoryTypeName)]
     pub memory_type: String,
     pub importance: i16,
     pub created_at: DateTime<Utc>,
     pub score: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ToolAnswer {
     /// For the LLM to read.
     pub result: String,
@@ -112,6 +113,35 @@ const TOKEN_SQL: &str = "SELECT caller_id, agent_id FROM pending_calls
 const REQUIRES_TOKEN_SQL: &str =
     "SELECT tool_requires_caller_token FROM organizations WHERE id = $1";
 
+/// The server tool's request: only `query` is for the LLM; bind
+/// `caller_id` to `system__caller_id` and `agent_id` to `system__agent_id`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = ToolRequest)]
+#[allow(dead_code)]
+pub(crate) struct ToolRequestSchema {
+    #[schema(min_length = 1, max_length = 1000, example = "allergies")]
+    query: String,
+    #[schema(min_length = 1, max_length = 256)]
+    caller_id: Option<String>,
+    #[schema(min_length = 1, max_length = 256)]
+    agent_id: Option<String>,
+}
+
+/// The ElevenLabs server tool: the agent searches the caller's memories
+/// mid-call. The caller comes from the caller token (preferred) or
+/// `system__caller_id`, never from the LLM.
+#[utoipa::path(
+    post,
+    path = "/v1/elevenlabs/tools/search/{org}",
+    tag = "elevenlabs",
+    params(
+        ("org" = String, Path, description = "The organization's slug"),
+        ("X-Elaaoms-Caller-Token" = Option<String>, Header, description = "`{{secret__elaaoms_caller_token}}` from the initiation webhook"),
+    ),
+    request_body = ToolRequestSchema,
+    responses((status = 200, description = "An answer for the LLM to read (also when nothing is found or the caller is not identified)", body = ToolAnswer)),
+    security(("agent_secret" = [])),
+)]
 pub(crate) async fn search_tool(
     State(state): State<AppState>,
     Path(slug): Path<String>,

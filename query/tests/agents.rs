@@ -11,10 +11,12 @@ use elaaoms_query::{
     CALLER_TOKEN_HEADER, CONTEXT_MAX_TOKENS, DOCUMENTED_VARIABLES,
 };
 use elaaoms_shared::api_keys::{display_prefix, generate_api_key, hash_api_key};
-use elaaoms_shared::bus::{Envelope, Step};
-use elaaoms_shared::config::{DatabaseConfig, EmbeddingConfig, PayloadStoreConfig};
+use elaaoms_shared::bus::{event_msg_id, Envelope, Step};
+use elaaoms_shared::config::{DatabaseConfig, EmbeddingConfig, PayloadStoreConfig, WorkerConfig};
 use elaaoms_shared::db::{begin_org_tx, caller_hash};
+use elaaoms_shared::domain::{Confidence, ExtractedMemory, Importance, MemoryContent, MemoryType};
 use elaaoms_shared::embedder::Embedder;
+use elaaoms_shared::events::MemoriesExtracted;
 use elaaoms_shared::test_support::{TestBus, TestDatabase};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -72,6 +74,7 @@ impl Harness {
             bus: bus.config.clone(),
             payloads: PayloadStoreConfig {
                 payload_dir: payloads.path().to_owned(),
+                payload_store_url: None,
             },
             embedding: EmbeddingConfig {
                 embedding_model_dir: MODEL_DIR.into(),
@@ -1297,6 +1300,209 @@ async fn erasure_leaves_nothing_behind_and_a_tombstone() {
         )
         .await;
     assert_eq!(audits, 2, "every erasure request is audited");
+    h.stop().await;
+}
+
+/// Publishes the extractor's `memories.extracted` for one conversation with
+/// one new memory; returns its stream sequence.
+async fn publish_extraction(
+    h: &Harness,
+    org: Uuid,
+    conversation: &str,
+    caller: &str,
+    content: &str,
+) -> u64 {
+    let event = Envelope::new(
+        org,
+        1,
+        MemoriesExtracted {
+            conversation_id: conversation.to_owned(),
+            agent_id: DENTAL.to_owned(),
+            caller_id: caller.to_owned(),
+            memories: vec![ExtractedMemory {
+                content: MemoryContent::new(content).unwrap(),
+                memory_type: MemoryType::Factual,
+                importance: Importance::new(8).unwrap(),
+                confidence: Confidence::new(0.9).unwrap(),
+                source_quote: None,
+            }],
+            resolved_issue_ids: vec![],
+            extractor: "rules".to_owned(),
+        },
+    );
+    h.bus
+        .bus
+        .publish(
+            &h.bus.bus.names.subject(Step::Extracted),
+            &event_msg_id(org, conversation, Step::Extracted, 1),
+            org,
+            event.encode().unwrap().into(),
+        )
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) until the indexer has settled every extraction up to
+/// `sequence`: acknowledged, nothing pending or being redelivered.
+async fn indexer_settled(h: &Harness, sequence: u64) {
+    let stream = h
+        .bus
+        .bus
+        .jetstream
+        .get_stream(h.bus.bus.names.event_stream())
+        .await
+        .unwrap();
+    let consumer = h.bus.bus.names.consumer(elaaoms_indexer::SERVICE_NAME);
+    for _ in 0..300 {
+        if let Ok(info) = stream.consumer_info(&consumer).await {
+            if info.ack_floor.stream_sequence >= sequence
+                && info.num_pending == 0
+                && info.num_ack_pending == 0
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the indexer did not settle the extractions up to {sequence} within 30 s");
+}
+
+async fn start_indexer(h: &Harness) -> (CancellationToken, JoinHandle<()>) {
+    let indexer = elaaoms_indexer::IndexerService::build(
+        elaaoms_indexer::Config {
+            database: DatabaseConfig {
+                database_url: h.db.service_url.clone(),
+                database_max_connections: 4,
+            },
+            bus: h.bus.config.clone(),
+            worker: WorkerConfig {
+                worker_concurrency: 2,
+                worker_per_organization_concurrency: 2,
+                worker_max_attempts: 3,
+                worker_retry_delays: vec![Duration::from_millis(200)],
+                worker_ack_wait: Duration::from_secs(30),
+            },
+            settings: elaaoms_indexer::IndexerSettings {
+                health_addr: "127.0.0.1:0".parse().unwrap(),
+                dedup_similarity: 0.85,
+                dedup_candidate_similarity: 0.6,
+                dedup_conflict_similarity: 0.7,
+            },
+        },
+        h.embedder.clone(),
+    )
+    .await
+    .expect("build the indexer");
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { indexer.run(shutdown).await.expect("the indexer runs") }
+    });
+    (shutdown, run)
+}
+
+/// Erasure against an extraction in flight, through the real indexer on the
+/// bus: once the tombstone is committed (erasure's first step), an
+/// extraction for the caller adds nothing, neither in the window before the
+/// caller's rows are deleted nor after the erasure finished; another
+/// caller's extraction in the same stream is applied (so the indexer did
+/// run and did see the erased caller's event).
+#[tokio::test]
+async fn erasure_wins_over_an_extraction_in_flight() {
+    let h = Harness::start().await;
+    let org = h.organization("org-a").await;
+    h.memory(
+        &org,
+        MAYA,
+        BAKERY,
+        "conv_maya_1",
+        "Prefers lemon sponge",
+        "preference",
+        6,
+        10.0,
+    )
+    .await;
+    h.conversation(&org, MAYA, DENTAL, "conv_maya_2").await;
+    h.conversation(&org, PRIYA, DENTAL, "conv_priya_1").await;
+    h.conversation(&org, PRIYA, DENTAL, "conv_priya_2").await;
+    let (stop_indexer, indexer) = start_indexer(&h).await;
+    let count = |sql: &'static str| h.admin_count(sql, org.id);
+
+    // 1. The window: erasure has committed its tombstone and not yet
+    //    deleted anything, so Maya's caller and conversation rows are still
+    //    there, and her extraction arrives. Only the tombstone can stop it.
+    sqlx::query("INSERT INTO erased_callers (organization_id, caller_hash) VALUES ($1, $2)")
+        .bind(org.id)
+        .bind(caller_hash(MAYA))
+        .execute(&h.db.admin_pool)
+        .await
+        .unwrap();
+    publish_extraction(&h, org.id, "conv_maya_2", MAYA, "Maya is allergic to latex").await;
+    let last = publish_extraction(
+        &h,
+        org.id,
+        "conv_priya_1",
+        PRIYA,
+        "Priya is allergic to nuts",
+    )
+    .await;
+    indexer_settled(&h, last).await;
+    assert_eq!(
+        count("SELECT count(*) FROM memories WHERE organization_id = $1 AND caller_id = '+16465550187'").await,
+        1,
+        "the other caller's extraction was applied"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM memories WHERE organization_id = $1 AND caller_id = '+14155550123'").await,
+        1,
+        "only Maya's memory from before the erasure began"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM applied_extractions WHERE organization_id = $1 AND conversation_id = 'conv_maya_2'").await,
+        0
+    );
+
+    // 2. The erasure completes; then an extraction that was still in the
+    //    extractor (published after the stream sweep) reaches the indexer.
+    let (status, report) = h
+        .delete(&org.key, &format!("/v1/callers/{}", path_caller(MAYA)))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["memories_deleted"], 1, "{report}");
+    publish_extraction(&h, org.id, "conv_maya_2", MAYA, "Maya moved to Berkeley").await;
+    let last =
+        publish_extraction(&h, org.id, "conv_priya_2", PRIYA, "Priya drives a blue car").await;
+    indexer_settled(&h, last).await;
+    assert_eq!(
+        count("SELECT count(*) FROM memories WHERE organization_id = $1 AND caller_id = '+16465550187'").await,
+        2
+    );
+    for sql in [
+        "SELECT count(*) FROM memories WHERE organization_id = $1 AND caller_id = '+14155550123'",
+        "SELECT count(*) FROM conversations WHERE organization_id = $1 AND caller_id = '+14155550123'",
+        "SELECT count(*) FROM callers WHERE organization_id = $1 AND caller_id = '+14155550123'",
+        "SELECT count(*) FROM applied_extractions WHERE organization_id = $1 AND conversation_id LIKE 'conv_maya%'",
+        "SELECT count(*) FROM memory_sources WHERE organization_id = $1 AND conversation_id LIKE 'conv_maya%'",
+    ] {
+        assert_eq!(count(sql).await, 0, "{sql}");
+    }
+    // Dropped, not dead-lettered: the indexer recognised the erased caller.
+    assert_eq!(stream_messages(&h, &h.bus.bus.names.dlq_stream()).await, 0);
+    let (status, context) = h
+        .get(
+            &org.key,
+            &format!("/v1/callers/{}/context", path_caller(MAYA)),
+        )
+        .await;
+    assert_eq!(status, 200, "{context}");
+    assert_eq!(context["caller_is_returning"], false, "{context}");
+    assert_eq!(context["memories"], json!([]), "{context}");
+
+    stop_indexer.cancel();
+    tokio::time::timeout(Duration::from_secs(10), indexer)
+        .await
+        .expect("the indexer stops after cancellation")
+        .unwrap();
     h.stop().await;
 }
 

@@ -195,6 +195,7 @@ fn config(database_url: secrecy::SecretString, max_connections: u32, addr: Socke
         },
         payloads: PayloadStoreConfig {
             payload_dir: std::env::temp_dir().join("elaaoms-query-search-tests-unused"),
+            payload_store_url: None,
         },
         embedding: EmbeddingConfig {
             embedding_model_dir: MODEL_DIR.into(),
@@ -470,6 +471,376 @@ async fn listing_is_newest_first_with_limit_and_types() {
         error_message(&body);
     }
     h.stop().await;
+}
+
+/// Follows `next_cursor` from the first page to the last and returns the
+/// memory ids in the order they came, and how many pages it took.
+async fn all_pages(h: &Harness, org: &Org, query: &str) -> (Vec<Uuid>, usize) {
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let page_query = match &cursor {
+            Some(cursor) => format!("{query}&cursor={cursor}"),
+            None => query.to_owned(),
+        };
+        let (status, body) = h.list(org, CALLER, &page_query).await;
+        assert_eq!(status, 200, "{page_query}: {body}");
+        pages += 1;
+        assert!(pages <= 50, "pagination does not end: {body}");
+        let memories = body["memories"].as_array().unwrap();
+        ids.extend(
+            memories
+                .iter()
+                .map(|m| m["memory_id"].as_str().unwrap().parse::<Uuid>().unwrap()),
+        );
+        match body["next_cursor"].as_str() {
+            Some(next) => {
+                assert!(!memories.is_empty(), "a cursor after an empty page: {body}");
+                cursor = Some(next.to_owned());
+            }
+            None => {
+                assert!(body["next_cursor"].is_null(), "{body}");
+                return (ids, pages);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn listing_pages_by_keyset_without_duplicates_or_gaps() {
+    let h = Harness::start().await;
+    let org = h.organization("clinic").await;
+    let facts = [
+        (
+            "The caller is allergic to penicillin",
+            "factual",
+            9,
+            "agent_dental",
+        ),
+        (
+            "The caller prefers morning appointments",
+            "preference",
+            5,
+            "agent_dental",
+        ),
+        (
+            "The caller's son Kiran is nine",
+            "relationship",
+            6,
+            "agent_dental",
+        ),
+        ("The caller waits for a refund", "issue", 7, "agent_billing"),
+        ("The caller lives in Oakland", "factual", 4, "agent_dental"),
+        (
+            "The caller was upset about the wait",
+            "emotion",
+            3,
+            "agent_billing",
+        ),
+        ("The caller drives a blue car", "factual", 2, "agent_dental"),
+    ];
+    let mut ids = Vec::new();
+    for (age, (content, memory_type, importance, agent)) in facts.into_iter().enumerate() {
+        let id = h
+            .memory(
+                &org,
+                NewMemory {
+                    age_secs: 100.0 * (age as f64 + 1.0),
+                    ..memory(agent, content, memory_type, importance)
+                },
+            )
+            .await;
+        ids.push(id);
+    }
+    // Ties on created_at are where OFFSET-free paging goes wrong: give three
+    // memories the same instant, so only the id orders them.
+    sqlx::query("UPDATE memories SET created_at = '2026-01-01T00:00:00Z' WHERE id = ANY($1)")
+        .bind(&ids[1..4])
+        .execute(&h.db.admin_pool)
+        .await
+        .unwrap();
+    let expected: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM memories WHERE organization_id = $1 ORDER BY created_at DESC, id DESC",
+    )
+    .bind(org.id)
+    .fetch_all(&h.db.admin_pool)
+    .await
+    .unwrap();
+    assert_eq!(expected.len(), 7);
+
+    // Every page size, including one that ends exactly at the last row.
+    for (limit, pages) in [(1, 7), (2, 4), (3, 3), (7, 1), (500, 1)] {
+        let (listed, taken) = all_pages(&h, &org, &format!("?limit={limit}")).await;
+        assert_eq!(listed, expected, "limit {limit}");
+        assert_eq!(taken, pages, "limit {limit}");
+    }
+    // The default page holds all seven, with no cursor.
+    let (_, body) = h.list(&org, CALLER, "").await;
+    assert_eq!(body["memories"].as_array().unwrap().len(), 7, "{body}");
+    assert!(body["next_cursor"].is_null(), "{body}");
+
+    // Filters apply on every page.
+    let (listed, _) = all_pages(&h, &org, "?limit=1&min_importance=5").await;
+    let important: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM memories WHERE organization_id = $1 AND importance >= 5
+          ORDER BY created_at DESC, id DESC",
+    )
+    .bind(org.id)
+    .fetch_all(&h.db.admin_pool)
+    .await
+    .unwrap();
+    assert_eq!(important.len(), 4);
+    assert_eq!(listed, important);
+    let (listed, _) = all_pages(&h, &org, "?limit=2&types=factual&agent_id=agent_dental").await;
+    let factual: Vec<Uuid> = expected
+        .iter()
+        .copied()
+        .filter(|id| [ids[0], ids[4], ids[6]].contains(id))
+        .collect();
+    assert_eq!(listed, factual);
+
+    // A memory written between two pages does not shift the next page.
+    let (_, first) = h.list(&org, CALLER, "?limit=3").await;
+    h.memory(
+        &org,
+        memory("agent_dental", "The caller moved to Berkeley", "factual", 5),
+    )
+    .await;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let (rest, _) = all_pages(&h, &org, &format!("?limit=2&cursor={cursor}")).await;
+    let mut seen: Vec<Uuid> = first["memories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["memory_id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    seen.extend(rest);
+    assert_eq!(seen, expected);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_cursor_is_a_422_naming_it() {
+    let h = Harness::start().await;
+    let org = h.organization("clinic").await;
+    h.memory(&org, memory("agent_dental", ALLERGY, "factual", 9))
+        .await;
+    // Not base64; base64 of garbage; a good shape with a bad uuid.
+    for cursor in ["%25%25%25", "bm90LWEtY3Vyc29y", "MTIzNDU2Lm5vdC1hLXV1aWQ"] {
+        let (status, body) = h.list(&org, CALLER, &format!("?cursor={cursor}")).await;
+        assert_eq!(status, 422, "{cursor}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_field", "{body}");
+        assert!(error_message(&body).starts_with("cursor: "), "{body}");
+    }
+    for query in [
+        "?min_importance=0",
+        "?min_importance=11",
+        "?min_importance=x",
+    ] {
+        let (status, body) = h.list(&org, CALLER, query).await;
+        assert_eq!(status, 422, "{query}: {body}");
+        assert!(
+            error_message(&body).starts_with("min_importance: "),
+            "{body}"
+        );
+    }
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The OpenAPI document
+// ---------------------------------------------------------------------------
+
+/// Every route the query service serves, by method and path template.
+const SERVED_ROUTES: &[(&str, &str)] = &[
+    ("post", "/v1/search"),
+    ("get", "/v1/callers/{caller_id}/memories"),
+    ("get", "/v1/callers/{caller_id}/context"),
+    ("delete", "/v1/callers/{caller_id}"),
+    ("get", "/v1/memories/{memory_id}"),
+    ("delete", "/v1/memories/{memory_id}"),
+    ("get", "/v1/conversations/{conversation_id}"),
+    ("post", "/v1/elevenlabs/conversation-init/{org}"),
+    ("post", "/v1/elevenlabs/tools/search/{org}"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+];
+
+#[tokio::test]
+async fn openapi_document_describes_every_served_route() {
+    let h = Harness::start().await;
+    // Unauthenticated, JSON, OpenAPI 3.1.
+    let response = h
+        .http
+        .get(format!("{}/openapi.json", h.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    let document: Value =
+        serde_json::from_str(&response.text().await.unwrap()).expect("the document is JSON");
+    let version = document["openapi"].as_str().unwrap();
+    assert!(version.starts_with("3.1."), "{version}");
+    assert_eq!(
+        document,
+        serde_json::to_value(elaaoms_query::openapi_document()).unwrap()
+    );
+
+    // Exactly the served routes, no more, no fewer.
+    let mut documented: Vec<(String, String)> = document["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|key| ["get", "post", "put", "delete", "patch"].contains(&key.as_str()))
+                .map(move |method| (method.clone(), path.clone()))
+        })
+        .collect();
+    documented.sort();
+    let mut served: Vec<(String, String)> = SERVED_ROUTES
+        .iter()
+        .map(|(method, path)| (method.to_string(), path.to_string()))
+        .collect();
+    served.sort();
+    assert_eq!(documented, served);
+    // ...and each listed route really is served: nothing falls through to
+    // the "no such route" fallback.
+    for (method, path) in SERVED_ROUTES {
+        let url = format!(
+            "{}{}",
+            h.base,
+            path.replace("{caller_id}", "%2B1555")
+                .replace("{memory_id}", &Uuid::new_v4().to_string())
+                .replace("{conversation_id}", "conv_x")
+                .replace("{org}", "no-such-org")
+        );
+        let request = match *method {
+            "get" => h.http.get(&url),
+            "post" => h.http.post(&url).json(&json!({})),
+            "delete" => h.http.delete(&url),
+            other => unreachable!("{other}"),
+        };
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap();
+        assert!(
+            !(status == 404 && body.contains("no such route")) && status != 405,
+            "{method} {path}: {status} {body}"
+        );
+    }
+
+    // Security: bearer API keys for tenant routes, the secret header for
+    // the agent endpoints, nothing for operations.
+    let schemes = &document["components"]["securitySchemes"];
+    assert_eq!(schemes["bearer"]["type"], "http");
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    assert_eq!(schemes["agent_secret"]["type"], "apiKey");
+    assert_eq!(schemes["agent_secret"]["in"], "header");
+    assert!(schemes["agent_secret"]["name"]
+        .as_str()
+        .unwrap()
+        .eq_ignore_ascii_case(elaaoms_query::AGENT_SECRET_HEADER));
+    for (method, path) in SERVED_ROUTES {
+        let operation = &document["paths"][path][method];
+        let security = operation["security"].to_string();
+        let expected = if path.starts_with("/v1/elevenlabs/") {
+            "agent_secret"
+        } else if path.starts_with("/v1/") {
+            "bearer"
+        } else {
+            assert!(operation.get("security").is_none(), "{method} {path}");
+            continue;
+        };
+        assert!(security.contains(expected), "{method} {path}: {security}");
+        // The error shape, on 401 at least, for every protected route.
+        assert_eq!(
+            operation["responses"]["401"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/ErrorBody",
+            "{method} {path}"
+        );
+        if !path.contains("conversation-init") {
+            for status in ["400", "422", "500", "503"] {
+                assert!(
+                    operation["responses"].get(status).is_some(),
+                    "{method} {path}: no {status}"
+                );
+            }
+        }
+    }
+    let schemas = &document["components"]["schemas"];
+    let error = &schemas["ErrorBody"]["properties"]["error"];
+    assert_eq!(error["$ref"], "#/components/schemas/ErrorDetail", "{error}");
+    assert_eq!(
+        sorted_keys(&schemas["ErrorDetail"]["properties"]),
+        strings(&["code", "message"])
+    );
+
+    // The search request names the seed's fields (and ours), and refuses
+    // anything else.
+    let search = &document["paths"]["/v1/search"]["post"]["requestBody"]["content"]
+        ["application/json"]["schema"]["$ref"];
+    assert_eq!(search, "#/components/schemas/SearchRequest");
+    let request = &schemas["SearchRequest"];
+    assert_eq!(
+        sorted_keys(&request["properties"]),
+        strings(&[
+            "query_text",
+            "caller_id",
+            "conversation_id",
+            "agent_id",
+            "search_all_agents",
+            "relevance_threshold",
+            "result_limit",
+            "timestamp",
+            "types",
+            "min_importance",
+        ])
+    );
+    assert_eq!(request["required"], json!(["query_text", "caller_id"]));
+    assert_eq!(request["additionalProperties"], false);
+    assert_eq!(request["properties"]["query_text"]["maxLength"], 1000);
+    assert_eq!(request["properties"]["result_limit"]["maximum"], 100);
+    assert_eq!(request["properties"]["relevance_threshold"]["default"], 0.7);
+    // And the listing documents its pagination.
+    let params: Vec<&str> = document["paths"]["/v1/callers/{caller_id}/memories"]["get"]
+        ["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "caller_id",
+        "limit",
+        "agent_id",
+        "types",
+        "min_importance",
+        "cursor",
+    ] {
+        assert!(params.contains(&name), "{params:?}");
+    }
+    h.stop().await;
+}
+
+fn sorted_keys(object: &Value) -> Vec<String> {
+    sorted(
+        object
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {object}"))
+            .keys()
+            .cloned()
+            .collect(),
+    )
 }
 
 // ---------------------------------------------------------------------------

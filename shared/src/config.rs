@@ -118,6 +118,11 @@ pub struct PayloadStoreConfig {
     /// Directory of the raw webhook payloads.
     #[arg(long, env = "PAYLOAD_DIR", default_value = "data/payloads")]
     pub payload_dir: PathBuf,
+    /// Object storage for the payloads instead of PAYLOAD_DIR:
+    /// `s3://bucket/prefix` (needs the `s3` build feature; endpoint, region
+    /// and credentials from the standard AWS_* variables) or `file:///dir`.
+    #[arg(long, env = "PAYLOAD_STORE_URL")]
+    pub payload_store_url: Option<String>,
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -15,5 +15,6 @@ pub mod sharing;
 pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod test_support;
+pub mod trace;
 pub mod transcript;
 pub mod worker;

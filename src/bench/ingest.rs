@@ -72,6 +72,7 @@ pub async fn run(args: IngestBenchArgs) -> Result<()> {
         bus: env.bus_config.clone(),
         payloads: PayloadStoreConfig {
             payload_dir: payload_dir.clone(),
+            payload_store_url: None,
         },
         settings: elaaoms_ingest::IngestSettings {
             addr: "127.0.0.1:0".parse().expect("valid address"),

@@ -201,6 +201,7 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
             },
             payloads: elaaoms_shared::config::PayloadStoreConfig {
                 payload_dir: std::env::temp_dir().join("elaaoms-bench-payloads-unused"),
+                payload_store_url: None,
             },
             embedding: env.embedding.clone(),
             settings: elaaoms_query::QuerySettings {

@@ -64,7 +64,10 @@ impl Ingest {
                 database_max_connections: 5,
             },
             bus,
-            payloads: PayloadStoreConfig { payload_dir },
+            payloads: PayloadStoreConfig {
+                payload_dir,
+                payload_store_url: None,
+            },
             settings,
         })
         .await

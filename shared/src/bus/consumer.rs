@@ -54,6 +54,7 @@ use super::{
     DLQ_ORIGINAL_SUBJECT_HEADER, DLQ_REASON_HEADER, DLQ_SERVICE_HEADER, ORGANIZATION_HEADER,
 };
 use crate::config::WorkerConfig;
+use crate::trace::{TraceParent, TRACEPARENT_HEADER};
 
 /// Why a handler did not finish a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +103,11 @@ pub struct Delivery {
     /// 1 on the first delivery.
     pub attempt: u64,
     pub stream_sequence: u64,
+    /// This worker's span of the message's trace: a child of its
+    /// `traceparent` header (same trace id, new span id), or a new trace
+    /// when it carries none or a malformed one. Handlers publish their next
+    /// event with it (`Bus::publish_traced`), so it is the parent there.
+    pub trace: TraceParent,
 }
 
 /// What a worker does with one message. Handlers must be idempotent:
@@ -457,6 +463,13 @@ fn delivery_of(message: &jetstream::Message) -> Delivery {
         .as_ref()
         .and_then(|headers| headers.get(ORGANIZATION_HEADER))
         .and_then(|value| Uuid::parse_str(value.as_str()).ok());
+    let trace = TraceParent::continue_or_start(
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(TRACEPARENT_HEADER))
+            .map(|value| value.as_str()),
+    );
     Delivery {
         subject: message.subject.to_string(),
         payload: message.payload.clone(),
@@ -464,6 +477,7 @@ fn delivery_of(message: &jetstream::Message) -> Delivery {
         organization_id,
         attempt,
         stream_sequence,
+        trace,
     }
 }
 
@@ -487,7 +501,10 @@ async fn process_message<H: Handler>(
         service = shared.settings.service,
         subject = delivery.subject,
         seq = delivery.stream_sequence,
-        attempt = delivery.attempt
+        attempt = delivery.attempt,
+        // Every log line of the handler carries the pipeline's trace id.
+        trace_id = delivery.trace.trace_id(),
+        span_id = delivery.trace.span_id()
     );
     async move {
         let progress = ProgressReports::start(message.clone(), shared.settings.ack_wait);

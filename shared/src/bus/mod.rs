@@ -14,6 +14,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::BusConfig;
+use crate::trace::{TraceParent, TRACEPARENT_HEADER};
 
 /// Header carrying the organization of every event, so the consumer loop can
 /// apply per-organization limits before decoding the body.
@@ -286,8 +287,25 @@ impl Bus {
         organization_id: Uuid,
         body: Bytes,
     ) -> Result<u64, BusError> {
+        self.publish_traced(subject, msg_id, organization_id, None, body)
+            .await
+    }
+
+    /// [`Bus::publish`] with the W3C `traceparent` header of the trace the
+    /// event belongs to, so consumers log and publish within it.
+    pub async fn publish_traced(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        organization_id: Uuid,
+        trace: Option<&TraceParent>,
+        body: Bytes,
+    ) -> Result<u64, BusError> {
         let mut headers = HeaderMap::new();
         headers.insert(ORGANIZATION_HEADER, organization_id.to_string().as_str());
+        if let Some(trace) = trace {
+            headers.insert(TRACEPARENT_HEADER, trace.to_string().as_str());
+        }
         self.publish_with_headers(subject, msg_id, headers, body)
             .await
     }

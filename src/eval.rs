@@ -1,0 +1,100 @@
+//! `elaaoms eval`: precision and recall of an extractor on the labelled set
+//! (the logic is in `elaaoms_extractor::eval`). `--provider rules` needs
+//! nothing; an LLM provider uses the extractor's own configuration
+//! (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...), built exactly as the worker
+//! builds it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use elaaoms_extractor::eval::{self, EvalExtractor, DEFAULT_MATCH_THRESHOLD};
+use elaaoms_extractor::{LlmSettings, OrganizationLlm, Providers};
+use elaaoms_shared::config::EmbeddingConfig;
+use elaaoms_shared::embedder::Embedder;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Directory of labelled cases (one JSON file per transcript).
+    #[arg(long, default_value = "tests/data/eval")]
+    data_dir: PathBuf,
+    /// `rules`, `openai`, `anthropic` or `openai-compatible`.
+    #[arg(long, default_value = "rules")]
+    provider: String,
+    /// The model (default: the provider's configured model).
+    #[arg(long)]
+    model: Option<String>,
+    /// The provider's base URL (default: the configured one).
+    #[arg(long)]
+    base_url: Option<String>,
+    /// Cosine similarity at which an extracted memory matches an expected one of the same type.
+    #[arg(long, default_value_t = DEFAULT_MATCH_THRESHOLD)]
+    match_threshold: f32,
+    /// Fail (exit 1) when overall recall is below this (0-1), for CI.
+    #[arg(long)]
+    min_recall: Option<f64>,
+    /// Fail (exit 1) when overall precision is below this (0-1), for CI.
+    #[arg(long)]
+    min_precision: Option<f64>,
+    #[command(flatten)]
+    embedding: EmbeddingConfig,
+    #[command(flatten)]
+    llm: LlmSettings,
+}
+
+pub async fn eval(args: EvalArgs) -> Result<()> {
+    let cases = eval::load_cases(&args.data_dir)?;
+    let embedder = Embedder::local(&args.embedding.embedding_model_dir)
+        .context("loading the local embedder (run deploy/local/setup.sh)")?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .context("building the HTTP client")?;
+    let retry_policy = args.llm.retry_policy();
+    let providers = Providers::new(http, args.llm);
+    let extractor = match providers
+        .for_organization(&OrganizationLlm {
+            provider: args.provider.clone(),
+            model: args.model,
+            base_url: args.base_url,
+        })
+        .map_err(|err| anyhow::anyhow!(err))?
+    {
+        None => EvalExtractor::Rules,
+        Some(provider) => EvalExtractor::Llm {
+            provider,
+            retry_policy,
+        },
+    };
+    println!(
+        "evaluating {} on {} case(s) from {} (match: same type, similarity >= {})",
+        extractor.label(),
+        cases.len(),
+        args.data_dir.display(),
+        args.match_threshold
+    );
+    let report = eval::evaluate(
+        &extractor,
+        &embedder,
+        &cases,
+        args.match_threshold,
+        |id, extracted, matched| eprintln!("  {id}: {extracted} extracted, {matched} matched"),
+    )
+    .await?;
+    println!("{report}");
+    for (case, reason) in &report.failures {
+        println!("  failed: {case}: {reason}");
+    }
+    let overall = report.overall;
+    if let Some(floor) = args.min_recall {
+        if overall.recall().unwrap_or(0.0) < floor {
+            bail!("recall below {floor}");
+        }
+    }
+    if let Some(floor) = args.min_precision {
+        if overall.precision().unwrap_or(0.0) < floor {
+            bail!("precision below {floor}");
+        }
+    }
+    Ok(())
+}
