@@ -37,3 +37,4 @@ test: setup check validate-deploy
 		echo "cargo-nextest is not installed: using cargo test"; \
 		cargo test --workspace --no-fail-fast; \
 	fi
+	bash deploy/schemathesis.sh

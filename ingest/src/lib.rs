@@ -25,7 +25,7 @@ use bytes::Bytes;
 use elaaoms_shared::bus::{Bus, BusError};
 use elaaoms_shared::config::{parse_duration, BusConfig, DatabaseConfig, PayloadStoreConfig};
 use elaaoms_shared::db::{self, DbError};
-use elaaoms_shared::domain::ConversationStatus;
+use elaaoms_shared::domain::{ConversationId, ConversationStatus};
 use elaaoms_shared::http::ApiError;
 use elaaoms_shared::payload_store::{PayloadKind, PayloadStore, PayloadStoreError};
 use elaaoms_shared::telemetry::{self, Health};
@@ -34,6 +34,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, R
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use signature::{verify_signature, SignatureError, SignatureHeader};
@@ -378,8 +379,29 @@ async fn handle_webhook(
         trace_id = trace.trace_id(),
         span_id = trace.span_id()
     );
-    let _entered = span.enter();
+    // Instrumented, not entered: the span must not leak into other tasks
+    // polled on this thread while the webhook awaits.
+    record_webhook(
+        state,
+        organization_id,
+        webhook,
+        conversation_id,
+        body,
+        trace,
+    )
+    .instrument(span)
+    .await
+}
 
+/// Stores the payload and records the webhook, by type.
+async fn record_webhook(
+    state: &AppState,
+    organization_id: Uuid,
+    webhook: Webhook,
+    conversation_id: ConversationId,
+    body: Bytes,
+    trace: TraceParent,
+) -> Result<Accepted, ApiError> {
     let (outcome, extraction) = match webhook {
         Webhook::Transcription(transcription) => {
             let payload_key = store_payload(
