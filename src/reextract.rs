@@ -187,7 +187,7 @@ async fn one(
     }) {
         return skip("its status changed meanwhile");
     }
-    if db::is_caller_erased(&mut tx, organization_id, &caller_id).await? {
+    if db::is_caller_erased(&mut tx, organization_id, &caller_id, Some(started_at)).await? {
         return skip("the caller was erased");
     }
     let body = match payloads

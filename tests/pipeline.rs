@@ -560,3 +560,78 @@ async fn one_webhook_is_one_trace_through_the_pipeline() {
     system.stop().await;
     bus.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_caller_stays_erased_but_a_new_call_starts_afresh() {
+    let database = TestDatabase::create().await;
+    let bus = TestBus::create().await;
+    let organization_id = database.create_organization(SLUG, SECRET).await;
+    let api_key = create_api_key(&database, organization_id).await;
+    let system = RunningSystem::start(&database, &bus).await;
+    let first_call = "post_call_transcription_bakery_maya_2025-11-03.json";
+    let maya_memories = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM memories WHERE caller_id = $1")
+            .bind(MAYA)
+            .fetch_one(&database.admin_pool)
+            .await
+            .unwrap()
+    };
+
+    assert_eq!(system.post_fixture(first_call).await.status(), 200);
+    eventually(Duration::from_secs(90), || async {
+        conversation_status(&database, "conv_wxgkkg26wh6wcecpnv68bert84")
+            .await
+            .filter(|status| status == "extraction_completed")
+    })
+    .await;
+    assert!(maya_memories().await > 0);
+
+    let erased = reqwest::Client::new()
+        .delete(format!("{}/v1/callers/{MAYA}", system.query_url))
+        .bearer_auth(&api_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(erased.status(), 200);
+    assert_eq!(maya_memories().await, 0);
+
+    // ElevenLabs delivers the old call again: nothing of it comes back.
+    let late = system.post_fixture(first_call).await;
+    assert_eq!(late.status(), 200);
+    let late: serde_json::Value = late.json().await.unwrap();
+    assert_eq!(late["extraction"], "caller_erased");
+    assert_eq!(
+        conversation_status(&database, "conv_wxgkkg26wh6wcecpnv68bert84").await,
+        None
+    );
+
+    // Maya calls again after the erasure: a new call is remembered.
+    let mut body: serde_json::Value = serde_json::from_slice(&fixture(
+        "post_call_transcription_bakery_maya_2025-11-20.json",
+    ))
+    .unwrap();
+    body["data"]["metadata"]["start_time_unix_secs"] = (chrono::Utc::now().timestamp() + 1).into();
+    let body = serde_json::to_vec(&body).unwrap();
+    let signature = elaaoms_ingest::signature::sign(SECRET, chrono::Utc::now().timestamp(), &body);
+    assert_eq!(system.post_webhook(body, signature).await.status(), 200);
+    eventually(Duration::from_secs(90), || async {
+        conversation_status(&database, "conv_9qgrnn8wf286kk516ewwhhsb3k")
+            .await
+            .filter(|status| status == "extraction_completed")
+    })
+    .await;
+    assert!(
+        maya_memories().await > 0,
+        "the new call's memories are kept"
+    );
+    let old_conversation_memories: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM memories WHERE conversation_id = 'conv_wxgkkg26wh6wcecpnv68bert84'",
+    )
+    .fetch_one(&database.admin_pool)
+    .await
+    .unwrap();
+    assert_eq!(old_conversation_memories, 0);
+
+    system.stop().await;
+    bus.cleanup().await;
+}

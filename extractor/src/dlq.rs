@@ -232,7 +232,7 @@ async fn replay_one(
 
     let mut tx = db::begin_org_tx(admin_pool, organization_id).await?;
     if let Some(caller_id) = caller_id {
-        if db::is_caller_erased(&mut tx, organization_id, caller_id).await? {
+        if db::is_caller_erased(&mut tx, organization_id, caller_id, None).await? {
             if !dry_run {
                 delete(stream, letter.sequence).await?;
             }

@@ -274,9 +274,14 @@ impl ExtractHandler {
         let mut tx = db::begin_org_tx(&self.pool, organization_id)
             .await
             .map_err(transient)?;
-        let erased = db::is_caller_erased(&mut tx, organization_id, &transcript.caller_id)
-            .await
-            .map_err(transient)?;
+        let erased = db::is_caller_erased(
+            &mut tx,
+            organization_id,
+            &transcript.caller_id,
+            Some(transcript.started_at),
+        )
+        .await
+        .map_err(transient)?;
         let row: Option<(String, Option<String>, Option<String>, serde_json::Value)> = sqlx::query_as(
             "SELECT llm_provider, llm_model, llm_base_url, privacy_settings FROM organizations WHERE id = $1",
         )

@@ -113,19 +113,28 @@ pub async fn apply_extraction(
     .bind(&extraction.caller_id)
     .fetch_optional(&mut *tx)
     .await?;
-    if caller_exists.is_none()
-        || db::is_caller_erased(&mut tx, organization_id, &extraction.caller_id).await?
-    {
+    if caller_exists.is_none() {
         return Ok(Applied::Dropped);
     }
-    let current_generation: Option<i32> = sqlx::query_scalar(
-        "SELECT generation FROM conversations WHERE organization_id = $1 AND conversation_id = $2",
+    let conversation: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT generation, start_time FROM conversations WHERE organization_id = $1 AND conversation_id = $2",
     )
     .bind(organization_id)
     .bind(&extraction.conversation_id)
     .fetch_optional(&mut *tx)
     .await?;
-    if current_generation.is_none_or(|generation| generation > event.generation) {
+    let Some((current_generation, started_at)) = conversation else {
+        return Ok(Applied::Dropped);
+    };
+    if current_generation > event.generation
+        || db::is_caller_erased(
+            &mut tx,
+            organization_id,
+            &extraction.caller_id,
+            Some(started_at),
+        )
+        .await?
+    {
         return Ok(Applied::Dropped);
     }
     let first_application = sqlx::query(

@@ -404,6 +404,30 @@ async fn record_webhook(
 ) -> Result<Accepted, ApiError> {
     let (outcome, extraction) = match webhook {
         Webhook::Transcription(transcription) => {
+            if let Some(caller_id) = transcription.caller_id.as_ref() {
+                if caller_erased_since(
+                    state,
+                    organization_id,
+                    caller_id.as_str(),
+                    transcription.started_at,
+                )
+                .await?
+                {
+                    // A late delivery of a call from before the caller's
+                    // erasure: keep nothing of it.
+                    tracing::info!(
+                        "transcript of an erased caller's earlier call: acknowledged, not stored"
+                    );
+                    return Ok(Accepted {
+                        outcome: "erased",
+                        body: serde_json::json!({
+                            "status": "accepted",
+                            "conversation_id": conversation_id.as_str(),
+                            "extraction": "caller_erased",
+                        }),
+                    });
+                }
+            }
             let payload_key = store_payload(
                 state,
                 conversation_id.as_str(),
@@ -487,6 +511,24 @@ async fn record_webhook(
             "extraction": extraction,
         }),
     })
+}
+
+/// Whether the caller was erased after this call started.
+async fn caller_erased_since(
+    state: &AppState,
+    organization_id: Uuid,
+    caller_id: &str,
+    started_at: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, ApiError> {
+    let unavailable = |err: sqlx::Error| ApiError::unavailable("cannot check erasures", &err);
+    let mut tx = db::begin_org_tx(&state.pool, organization_id)
+        .await
+        .map_err(unavailable)?;
+    let erased = db::is_caller_erased(&mut tx, organization_id, caller_id, Some(started_at))
+        .await
+        .map_err(unavailable)?;
+    tx.commit().await.map_err(unavailable)?;
+    Ok(erased)
 }
 
 /// Publishes right away with a short deadline; on failure the row stays

@@ -233,7 +233,7 @@ async fn insert_tombstone(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO erased_callers (organization_id, caller_hash) VALUES ($1, $2)
-         ON CONFLICT (organization_id, caller_hash) DO NOTHING",
+         ON CONFLICT (organization_id, caller_hash) DO UPDATE SET erased_at = now()",
     )
     .bind(org)
     .bind(caller_hash(caller))

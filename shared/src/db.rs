@@ -246,18 +246,24 @@ pub fn caller_hash(caller_id: &str) -> Vec<u8> {
     Sha256::digest(caller_id.as_bytes()).to_vec()
 }
 
-/// Whether the caller was erased: workers check this before applying
-/// anything, so events in flight during an erasure bring nothing back.
+/// Whether the caller was erased after a conversation that started at
+/// `conversation_started_at` (`None`: erased at any time). Workers check this
+/// before applying anything, so events in flight during an erasure bring
+/// nothing back; a caller who calls again after being erased starts afresh.
 pub async fn is_caller_erased(
     tx: &mut Transaction<'_, Postgres>,
     organization_id: Uuid,
     caller_id: &str,
+    conversation_started_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM erased_callers WHERE organization_id = $1 AND caller_hash = $2)",
+        "SELECT EXISTS (SELECT 1 FROM erased_callers
+                         WHERE organization_id = $1 AND caller_hash = $2
+                           AND ($3::timestamptz IS NULL OR erased_at >= $3))",
     )
     .bind(organization_id)
     .bind(caller_hash(caller_id))
+    .bind(conversation_started_at)
     .fetch_one(&mut **tx)
     .await
 }
