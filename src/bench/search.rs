@@ -256,6 +256,31 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
         }
     }
 
+    // The pre-call context embeds nothing: summary, open issues and the
+    // newest visible memories by the caller's btree, plus the token count.
+    let context = Latencies::new();
+    let context_heavy = Latencies::new();
+    let base_url = search_url.trim_end_matches("/v1/search").to_owned();
+    for i in 0..args.requests + warm {
+        for (caller, latencies) in [
+            (caller_of(i), &context),
+            (HEAVY_CALLER.to_owned(), &context_heavy),
+        ] {
+            let url = format!("{base_url}/v1/callers/{caller}/context?agent_id=agent_bench");
+            let started = Instant::now();
+            let response = client.get(&url).bearer_auth(&api_key).send().await?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "context failed: {}",
+                response.status()
+            );
+            response.bytes().await?;
+            if i >= warm {
+                latencies.record(started.elapsed());
+            }
+        }
+    }
+
     let embedding = Latencies::new();
     let sql = Latencies::new();
     let sql_heavy = Latencies::new();
@@ -300,6 +325,8 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
         ("baseline: same SQL directly (typical caller)", &sql),
         ("baseline: same SQL directly (caller with 10k)", &sql_heavy),
         ("baseline: query embedding alone", &embedding),
+        ("HTTP pre-call context (typical caller)", &context),
+        ("HTTP pre-call context (caller with 10k)", &context_heavy),
     ] {
         println!("{}", latencies.summary().latency_row(name));
     }
