@@ -625,6 +625,7 @@ mod tests {
                     dedup_candidate_similarity: 0.6,
                     dedup_conflict_similarity: 0.7,
                 },
+                llm: Default::default(),
             },
             embedder,
         )

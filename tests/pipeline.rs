@@ -98,6 +98,7 @@ impl RunningSystem {
                     dedup_candidate_similarity: 0.6,
                     dedup_conflict_similarity: 0.7,
                 },
+                llm: Default::default(),
             },
             embedder.clone(),
         )

@@ -56,6 +56,7 @@ pub async fn extract(
         repaired: false,
     };
     let mut request = LlmRequest {
+        output_name: prompt::OUTPUT_NAME,
         system: prompt::system_prompt(input),
         messages: vec![ChatMessage {
             role: Role::User,

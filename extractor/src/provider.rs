@@ -17,8 +17,6 @@ use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
-use crate::prompt::OUTPUT_NAME;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     User,
@@ -43,6 +41,8 @@ pub struct ChatMessage {
 /// One request for structured output.
 #[derive(Debug, Clone)]
 pub struct LlmRequest {
+    /// The name of the answer's schema (OpenAI) or tool (Anthropic).
+    pub output_name: &'static str,
     pub system: String,
     pub messages: Vec<ChatMessage>,
     pub schema: Value,
@@ -242,7 +242,7 @@ impl OpenAi {
             "messages": messages,
             "response_format": {
                 "type": "json_schema",
-                "json_schema": {"name": OUTPUT_NAME, "strict": true, "schema": request.schema}
+                "json_schema": {"name": request.output_name, "strict": true, "schema": request.schema}
             }
         })
     }
@@ -322,15 +322,15 @@ impl Anthropic {
             "system": request.system,
             "messages": messages,
             "tools": [{
-                "name": OUTPUT_NAME,
+                "name": request.output_name,
                 "description": "Record the memories about the caller and the open issues this call resolved.",
                 "input_schema": request.schema
             }],
-            "tool_choice": {"type": "tool", "name": OUTPUT_NAME}
+            "tool_choice": {"type": "tool", "name": request.output_name}
         })
     }
 
-    fn answer(body: &Value) -> Result<LlmAnswer, CallError> {
+    fn answer(body: &Value, output_name: &str) -> Result<LlmAnswer, CallError> {
         let content = body
             .get("content")
             .and_then(Value::as_array)
@@ -344,7 +344,7 @@ impl Anthropic {
         };
         let tool_input = content.iter().find(|block| {
             block.get("type").and_then(Value::as_str) == Some("tool_use")
-                && block.get("name").and_then(Value::as_str) == Some(OUTPUT_NAME)
+                && block.get("name").and_then(Value::as_str) == Some(output_name)
         });
         let text = match tool_input.and_then(|block| block.get("input")) {
             Some(input) => input.to_string(),
@@ -382,7 +382,7 @@ impl Provider for Anthropic {
                 .header("x-api-key", self.api_key.expose_secret())
                 .header("anthropic-version", ANTHROPIC_VERSION);
             let body = post_json("anthropic", http, &self.body(request)).await?;
-            Self::answer(&body)
+            Self::answer(&body, request.output_name)
         })
     }
 }
@@ -505,11 +505,11 @@ mod tests {
         let body = json!({
             "content": [
                 {"type": "text", "text": "Recording."},
-                {"type": "tool_use", "id": "toolu_1", "name": OUTPUT_NAME, "input": {"memories": [], "resolved_issue_ids": []}}
+                {"type": "tool_use", "id": "toolu_1", "name": "record_memories", "input": {"memories": [], "resolved_issue_ids": []}}
             ],
             "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 2}
         });
-        let answer = Anthropic::answer(&body).unwrap();
+        let answer = Anthropic::answer(&body, "record_memories").unwrap();
         assert_eq!(
             answer.usage,
             TokenUsage {

@@ -5,6 +5,7 @@
 //! is a replay, then deduplicates each memory in two stages and reinforces,
 //! replaces (conflict) or inserts it.
 
+use elaaoms_extractor::OrganizationLlm;
 use elaaoms_shared::bus::Envelope;
 use elaaoms_shared::db::{self, transition_conversation};
 use elaaoms_shared::domain::{ConversationStatus, ExtractedMemory, MemoryType, TransitionKind};
@@ -14,7 +15,8 @@ use pgvector::Vector;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::dedup::{judge, Decision, RulesThresholds};
+use crate::dedup::{Decision, RulesThresholds};
+use crate::judge::{PairToJudge, Verdicts};
 
 /// How deduplication decides (DESIGN.md section 6).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,6 +99,7 @@ pub async fn apply_extraction(
     embeddings: &[Vec<f32>],
     embedding_model: &str,
     settings: &DedupSettings,
+    verdicts: &Verdicts,
 ) -> Result<Applied, sqlx::Error> {
     let organization_id = event.organization_id;
     let extraction = &event.payload;
@@ -166,7 +169,7 @@ pub async fn apply_extraction(
         }
         // Best first; the first candidate that is not another fact decides.
         let decided = candidates.iter().find_map(|candidate| {
-            match judge(
+            match verdicts.decide(
                 &candidate.content,
                 memory.content.as_str(),
                 candidate.similarity,
@@ -225,6 +228,69 @@ pub async fn apply_extraction(
     Ok(Applied::Done(outcome))
 }
 
+/// Before the transaction: the organization's extractor, and, when it is
+/// an LLM, the pairs stage 1 finds for its judge: each new memory against
+/// its candidates, and against the batch's earlier memories of the same
+/// type. The transaction finds the same pairs unless another indexer wrote
+/// to this caller meanwhile; the rules judge what it finds anew.
+pub async fn pairs_to_judge(
+    pool: &PgPool,
+    event: &Envelope<MemoriesExtracted>,
+    embeddings: &[Vec<f32>],
+    settings: &DedupSettings,
+) -> Result<(Option<OrganizationLlm>, Vec<PairToJudge>), sqlx::Error> {
+    let mut tx = db::begin_org_tx(pool, event.organization_id).await?;
+    let llm: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT llm_provider, llm_model, llm_base_url FROM organizations WHERE id = $1",
+    )
+    .bind(event.organization_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let llm =
+        llm.filter(|(provider, _, _)| provider != "rules")
+            .map(|(provider, model, base_url)| OrganizationLlm {
+                provider,
+                model,
+                base_url,
+            });
+    let mut pairs = Vec::new();
+    if llm.is_none() {
+        return Ok((None, pairs));
+    }
+    let memories = &event.payload.memories;
+    for (index, (memory, embedding)) in memories.iter().zip(embeddings).enumerate() {
+        let vector = Vector::from(embedding.clone());
+        for candidate in candidates(&mut tx, event, memory.memory_type, &vector, settings).await? {
+            pairs.push(PairToJudge {
+                existing: candidate.content,
+                new: memory.content.as_str().to_owned(),
+                memory_type: memory.memory_type,
+                similarity: candidate.similarity,
+            });
+        }
+        for (earlier, earlier_embedding) in memories[..index].iter().zip(embeddings) {
+            let similarity = f64::from(dot(embedding, earlier_embedding));
+            if earlier.memory_type == memory.memory_type
+                && similarity >= settings.candidate_similarity
+            {
+                pairs.push(PairToJudge {
+                    existing: earlier.content.as_str().to_owned(),
+                    new: memory.content.as_str().to_owned(),
+                    memory_type: memory.memory_type,
+                    similarity,
+                });
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok((llm, pairs))
+}
+
+/// Cosine similarity of two unit vectors.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 /// A replay (generation g) takes back what generations before g of the same
 /// conversation contributed, so that applying g does not count them twice:
 /// memories they alone produced go; reinforcements they added are taken
@@ -257,6 +323,19 @@ async fn undo_earlier_generations(
     .await?
     .rows_affected();
     outcome.replaced_memories = removed as u32;
+
+    // Issues an earlier generation resolved are open again until this one
+    // says otherwise.
+    sqlx::query(
+        "UPDATE memories SET status = 'open', resolved_at = NULL,
+                             resolved_by_conversation_id = NULL, resolved_by_generation = NULL
+          WHERE organization_id = $1 AND resolved_by_conversation_id = $2 AND resolved_by_generation < $3",
+    )
+    .bind(organization_id)
+    .bind(conversation_id)
+    .bind(generation)
+    .execute(&mut **tx)
+    .await?;
 
     // Values replaced by an earlier generation come back if that replacement
     // is still the latest one (the last entry of metadata.conflicts).
@@ -325,11 +404,17 @@ async fn undo_earlier_generations(
     .bind(generation)
     .fetch_all(&mut **tx)
     .await?;
-    // The last reinforcement is now the latest one that remains.
+    // The last reinforcement is now the latest one that remains, and the
+    // importance the highest one a remaining source brought (unless a source
+    // predates the per-source importance: then it stays).
     sqlx::query(
         "UPDATE memories m
             SET last_reinforced_at = (SELECT GREATEST(max(s.created_at), m.created_at) FROM memory_sources s
-                                       WHERE s.memory_id = m.id AND s.kind = 'reinforced')
+                                       WHERE s.memory_id = m.id AND s.kind = 'reinforced'),
+                importance = COALESCE(
+                    (SELECT max(s.importance) FROM memory_sources s WHERE s.memory_id = m.id
+                      HAVING count(*) = count(s.importance)),
+                    m.importance)
           WHERE m.organization_id = $1 AND m.id = ANY($2)",
     )
     .bind(organization_id)
@@ -390,13 +475,14 @@ async fn reinforce(
     memory: &ExtractedMemory,
 ) -> Result<bool, sqlx::Error> {
     let new_source = sqlx::query(
-        "INSERT INTO memory_sources (organization_id, memory_id, conversation_id, generation, kind)
-         VALUES ($1, $2, $3, $4, 'reinforced') ON CONFLICT DO NOTHING",
+        "INSERT INTO memory_sources (organization_id, memory_id, conversation_id, generation, kind, importance)
+         VALUES ($1, $2, $3, $4, 'reinforced', $5) ON CONFLICT DO NOTHING",
     )
     .bind(event.organization_id)
     .bind(memory_id)
     .bind(&event.payload.conversation_id)
     .bind(event.generation)
+    .bind(i16::from(memory.importance))
     .execute(&mut **tx)
     .await?
     .rows_affected()
@@ -435,15 +521,17 @@ async fn replace_with_newer_value(
     // A memory this same extraction created already has its source row.
     sqlx::query(
         "INSERT INTO memory_sources (organization_id, memory_id, conversation_id, generation, kind,
-                                     previous_content, previous_embedding, previous_embedding_model)
-         SELECT $1, m.id, $3, $4, 'conflict', m.content, m.embedding, m.embedding_model
+                                     previous_content, previous_embedding, previous_embedding_model, importance)
+         SELECT $1, m.id, $3, $4, 'conflict', m.content, m.embedding, m.embedding_model, $5
            FROM memories m WHERE m.organization_id = $1 AND m.id = $2
-         ON CONFLICT DO NOTHING",
+         ON CONFLICT (memory_id, conversation_id, generation)
+         DO UPDATE SET importance = GREATEST(memory_sources.importance, EXCLUDED.importance)",
     )
     .bind(event.organization_id)
     .bind(memory_id)
     .bind(&event.payload.conversation_id)
     .bind(event.generation)
+    .bind(i16::from(memory.importance))
     .execute(&mut **tx)
     .await?;
     sqlx::query(
@@ -482,12 +570,15 @@ async fn resolve_issues(
         return Ok(0);
     }
     let resolved = sqlx::query(
-        "UPDATE memories SET status = 'resolved', resolved_at = GREATEST(now(), created_at)
+        "UPDATE memories SET status = 'resolved', resolved_at = GREATEST(now(), created_at),
+                             resolved_by_conversation_id = $4, resolved_by_generation = $5
           WHERE organization_id = $1 AND caller_id = $2 AND id = ANY($3) AND type = 'issue' AND status = 'open'",
     )
     .bind(event.organization_id)
     .bind(&event.payload.caller_id)
     .bind(&event.payload.resolved_issue_ids)
+    .bind(&event.payload.conversation_id)
+    .bind(event.generation)
     .execute(&mut **tx)
     .await?
     .rows_affected();
@@ -529,13 +620,14 @@ async fn insert_memory(
     .fetch_one(&mut **tx)
     .await?;
     sqlx::query(
-        "INSERT INTO memory_sources (organization_id, memory_id, conversation_id, generation, kind)
-         VALUES ($1, $2, $3, $4, 'created')",
+        "INSERT INTO memory_sources (organization_id, memory_id, conversation_id, generation, kind, importance)
+         VALUES ($1, $2, $3, $4, 'created', $5)",
     )
     .bind(event.organization_id)
     .bind(memory_id)
     .bind(&extraction.conversation_id)
     .bind(event.generation)
+    .bind(i16::from(memory.importance))
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -6,11 +6,14 @@
 
 pub mod apply;
 pub mod dedup;
+pub mod judge;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use elaaoms_extractor::provider::RetryPolicy;
+use elaaoms_extractor::{LlmSettings, Providers};
 use elaaoms_shared::bus::consumer::{ConsumerSettings, Delivery, Handler, HandlerError};
 use elaaoms_shared::bus::{event_msg_id, Bus, BusError, Envelope, Step};
 use elaaoms_shared::config::{BusConfig, DatabaseConfig, WorkerConfig};
@@ -19,11 +22,12 @@ use elaaoms_shared::embedder::Embedder;
 use elaaoms_shared::events::{MemoriesExtracted, MemoriesIndexed};
 use elaaoms_shared::telemetry;
 use elaaoms_shared::worker::Worker;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub use apply::{Applied, DedupSettings, Outcome};
+pub use judge::Verdicts;
 
 pub const SERVICE_NAME: &str = "indexer";
 
@@ -37,6 +41,10 @@ pub struct Config {
     pub worker: WorkerConfig,
     #[command(flatten)]
     pub settings: IndexerSettings,
+    /// The providers of organizations that extract with an LLM, which also
+    /// judge their deduplication (the extractor's settings).
+    #[command(flatten)]
+    pub llm: LlmSettings,
 }
 
 /// What only the indexer needs.
@@ -117,11 +125,18 @@ impl IndexerService {
         let bus = Bus::connect(&config.bus).await?;
         bus.ensure_streams().await?;
         let registry = Registry::new();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .expect("an HTTP client with the ring provider");
         let handler = Arc::new(IndexHandler {
             pool: pool.clone(),
             bus: bus.clone(),
             embedder,
             dedup: config.settings.dedup(),
+            judge_retry_policy: config.llm.retry_policy(),
+            providers: Providers::new(http, config.llm),
             metrics: Metrics::register(&registry),
         });
         let health_listener = elaaoms_shared::http::bind(config.settings.health_addr).await?;
@@ -156,7 +171,67 @@ struct IndexHandler {
     bus: Bus,
     embedder: Embedder,
     dedup: DedupSettings,
+    providers: Providers,
+    judge_retry_policy: RetryPolicy,
     metrics: Metrics,
+}
+
+impl IndexHandler {
+    /// The LLM judge's verdicts for this extraction, when its organization
+    /// extracts with an LLM; none (the rules decide) otherwise, and when the
+    /// judge cannot answer.
+    async fn verdicts(
+        &self,
+        event: &Envelope<MemoriesExtracted>,
+        embeddings: &[Vec<f32>],
+    ) -> Result<Verdicts, HandlerError> {
+        let (llm, pairs) = apply::pairs_to_judge(&self.pool, event, embeddings, &self.dedup)
+            .await
+            .map_err(|err| HandlerError::transient(&err))?;
+        let Some(llm) = llm else {
+            return Ok(Verdicts::default());
+        };
+        if pairs.is_empty() {
+            return Ok(Verdicts::default());
+        }
+        let provider = match self.providers.for_organization(&llm) {
+            Ok(Some(provider)) => provider,
+            Ok(None) => return Ok(Verdicts::default()),
+            Err(err) => {
+                self.metrics.judge_fallback(&err);
+                return Ok(Verdicts::default());
+            }
+        };
+        match judge::judge_pairs(provider.as_ref(), &self.judge_retry_policy, &pairs).await {
+            Ok(judged) => {
+                self.metrics
+                    .judge_calls
+                    .with_label_values(&["judged"])
+                    .inc();
+                self.metrics.judge_pairs.inc_by(pairs.len() as u64);
+                for (kind, tokens) in [
+                    ("input", judged.usage.input),
+                    ("output", judged.usage.output),
+                ] {
+                    self.metrics
+                        .judge_tokens
+                        .with_label_values(&[kind])
+                        .inc_by(tokens);
+                }
+                tracing::debug!(
+                    pairs = pairs.len(),
+                    verdicts = judged.verdicts.len(),
+                    prompt = judge::JUDGE_PROMPT_VERSION,
+                    "deduplication judged"
+                );
+                Ok(judged.verdicts)
+            }
+            Err(err) => {
+                self.metrics.judge_fallback(&err);
+                Ok(Verdicts::default())
+            }
+        }
+    }
 }
 
 struct Metrics {
@@ -166,6 +241,11 @@ struct Metrics {
     dedup_similarity: Histogram,
     /// Seconds to embed one extraction's memories.
     embedding_seconds: Histogram,
+    /// LLM judge calls: judged | fell_back (to the rules).
+    judge_calls: IntCounterVec,
+    judge_pairs: IntCounter,
+    /// LLM judge tokens: input | output.
+    judge_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -206,7 +286,45 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            judge_calls: telemetry::register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "elaaoms_indexer_judge_calls_total",
+                        "LLM deduplication judge calls, by outcome (judged, fell_back to the rules)",
+                    ),
+                    &["outcome"],
+                )
+                .expect("valid metric"),
+            ),
+            judge_pairs: telemetry::register(
+                registry,
+                IntCounter::new(
+                    "elaaoms_indexer_judge_pairs_total",
+                    "Memory pairs judged by the LLM",
+                )
+                .expect("valid metric"),
+            ),
+            judge_tokens: telemetry::register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "elaaoms_indexer_judge_tokens_total",
+                        "LLM deduplication judge tokens, by kind (input, output)",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
         }
+    }
+
+    fn judge_fallback(&self, err: &(dyn std::error::Error + 'static)) {
+        tracing::warn!(
+            error = %elaaoms_shared::bus::consumer::error_chain(err),
+            "the LLM judge could not answer; the rules deduplicate this extraction"
+        );
+        self.judge_calls.with_label_values(&["fell_back"]).inc();
     }
 
     fn record(&self, outcome: &Outcome) {
@@ -244,12 +362,14 @@ impl Handler for IndexHandler {
             .await
             .map_err(|err| HandlerError::transient(&err))?;
         timer.observe_duration();
+        let verdicts = self.verdicts(&event, &embeddings).await?;
         let applied = apply::apply_extraction(
             &self.pool,
             &event,
             &embeddings,
             self.embedder.model_name(),
             &self.dedup,
+            &verdicts,
         )
         .await
         .map_err(|err| HandlerError::transient(&err))?;

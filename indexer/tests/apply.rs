@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use elaaoms_indexer::apply::apply_extraction;
-use elaaoms_indexer::{Applied, DedupSettings, Outcome};
+use elaaoms_indexer::{Applied, DedupSettings, Outcome, Verdicts};
 use elaaoms_shared::bus::Envelope;
 use elaaoms_shared::db;
 use elaaoms_shared::domain::{Confidence, ExtractedMemory, Importance, MemoryContent, MemoryType};
@@ -164,6 +164,7 @@ async fn apply_event(pool: &sqlx::PgPool, event: &Envelope<MemoriesExtracted>) -
         &embeddings,
         embedder().model_name(),
         &DedupSettings::default(),
+        &Verdicts::default(),
     )
     .await
     .expect("applied")
@@ -938,4 +939,115 @@ async fn the_sharing_policy_decides_what_another_agent_may_reinforce() {
             "{policy}: {outcome:?}"
         );
     }
+}
+
+/// A replay also takes back what the earlier generation did to importance
+/// (and so to is_shareable) and to issues it resolved.
+#[tokio::test]
+async fn a_replay_takes_back_raised_importance_and_resolved_issues() {
+    let world = World::create().await;
+    for conversation in ["conv_0", "conv_1"] {
+        world.conversation(conversation, BAKERY).await;
+    }
+    done(
+        world
+            .apply(&world.event(
+                "conv_0",
+                BAKERY,
+                1,
+                &[
+                    Memory("Maya is a middle school teacher", Factual, 5),
+                    Memory(
+                        "Croissants bought last week were burnt on the bottom",
+                        Issue,
+                        6,
+                    ),
+                ],
+            ))
+            .await,
+    );
+    let issue = world
+        .memory("Croissants bought last week were burnt on the bottom")
+        .await;
+    // conv_1 reinforces the fact with importance 9 (shareable) and resolves the issue.
+    let mut event = world.event(
+        "conv_1",
+        BAKERY,
+        1,
+        &[Memory("Maya teaches middle school", Factual, 9)],
+    );
+    event.payload.resolved_issue_ids = vec![issue.id];
+    let gen1 = done(world.apply(&event).await);
+    assert_eq!((gen1.reinforced, gen1.resolved), (1, 1), "{gen1:?}");
+    let teacher = world.memory("Maya is a middle school teacher").await;
+    assert_eq!((teacher.importance, teacher.is_shareable), (9, true));
+    assert_eq!(
+        world
+            .memory("Croissants bought last week were burnt on the bottom")
+            .await
+            .status
+            .as_deref(),
+        Some("resolved")
+    );
+
+    // Generation 2 of conv_1 reinforces with importance 6 and resolves nothing.
+    world.replay("conv_1").await;
+    let gen2 = done(
+        world
+            .apply(&world.event(
+                "conv_1",
+                BAKERY,
+                2,
+                &[Memory("Maya teaches middle school", Factual, 6)],
+            ))
+            .await,
+    );
+    assert_eq!(
+        (
+            gen2.reinforced,
+            gen2.reinforcements_taken_back,
+            gen2.resolved
+        ),
+        (1, 1, 0),
+        "{gen2:?}"
+    );
+    let teacher = world.memory("Maya is a middle school teacher").await;
+    assert_eq!(
+        (
+            teacher.importance,
+            teacher.is_shareable,
+            teacher.reinforcement_count
+        ),
+        (6, false, 1),
+        "the 9 came only from generation 1"
+    );
+    let reopened: (Option<String>, bool, Option<String>) = sqlx::query_as(
+        "SELECT status, resolved_at IS NULL, resolved_by_conversation_id FROM memories WHERE id = $1",
+    )
+    .bind(issue.id)
+    .fetch_one(&world.db.admin_pool)
+    .await
+    .unwrap();
+    assert_eq!(reopened, (Some("open".to_owned()), true, None));
+
+    // Generation 3 resolves it again: resolved by the new generation.
+    world.replay("conv_1").await;
+    let mut event = world.event("conv_1", BAKERY, 3, &[]);
+    event.payload.resolved_issue_ids = vec![issue.id];
+    let gen3 = done(world.apply(&event).await);
+    assert_eq!(gen3.resolved, 1);
+    let resolved_by: (Option<String>, Option<i32>) = sqlx::query_as(
+        "SELECT resolved_by_conversation_id, resolved_by_generation FROM memories WHERE id = $1",
+    )
+    .bind(issue.id)
+    .fetch_one(&world.db.admin_pool)
+    .await
+    .unwrap();
+    assert_eq!(resolved_by, (Some("conv_1".to_owned()), Some(3)));
+    let teacher = world.memory("Maya is a middle school teacher").await;
+    assert_eq!(
+        (teacher.importance, teacher.reinforcement_count),
+        (5, 0),
+        "generation 3 took back generation 2's reinforcement"
+    );
 }

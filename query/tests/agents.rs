@@ -1388,6 +1388,7 @@ async fn start_indexer(h: &Harness) -> (CancellationToken, JoinHandle<()>) {
                 dedup_candidate_similarity: 0.6,
                 dedup_conflict_similarity: 0.7,
             },
+            llm: Default::default(),
         },
         h.embedder.clone(),
     )
