@@ -175,6 +175,7 @@ async fn run_all(args: RunArgs) -> Result<()> {
     })
     .await
     .context("starting ingest")?;
+    let llm = args.extractor.llm.clone();
     let extractor = elaaoms_extractor::ExtractorService::build(elaaoms_extractor::Config {
         database: args.database.clone(),
         bus: args.bus.clone(),
@@ -190,6 +191,7 @@ async fn run_all(args: RunArgs) -> Result<()> {
             bus: args.bus.clone(),
             worker: args.worker.clone(),
             settings: args.indexer,
+            llm,
         },
         embedder.clone(),
     )
