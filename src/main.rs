@@ -3,6 +3,7 @@
 
 mod backfill;
 mod bench;
+mod dedup;
 mod eval;
 mod operator;
 mod reembed;
@@ -63,6 +64,8 @@ enum Command {
     Reextract(Box<reextract::ReextractArgs>),
     /// Re-embed the memories embedded by another model than the configured one.
     Reembed(Box<reembed::ReembedArgs>),
+    /// Recalculate deduplication under a new threshold: report or merge duplicates.
+    Dedup(dedup::DedupArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +158,7 @@ async fn main() -> Result<()> {
         Command::Eval(args) => eval::eval(*args).await,
         Command::Reextract(args) => reextract::reextract(*args).await,
         Command::Reembed(args) => reembed::reembed(*args).await,
+        Command::Dedup(args) => dedup::dedup(args).await,
     }
 }
 
