@@ -1,4 +1,5 @@
-//! Sentence embeddings with all-MiniLM-L6-v2 on the CPU (candle), 384 dimensions.
+//! Sentence embeddings with all-MiniLM-L6-v2 on the CPU (the forward pass
+//! is `elaaoms-minilm`), 384 dimensions.
 //!
 //! The model files (`config.json`, `tokenizer.json`, `model.safetensors`) are
 //! installed once by `deploy/local/setup.sh` into [`default_model_dir`]; nothing
@@ -20,10 +21,8 @@ use backon::{ExponentialBuilder, Retryable};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config, DTYPE};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use elaaoms_minilm::{BertConfig, MiniLm, Tokens};
+use tokenizers::{Tokenizer, TruncationParams};
 
 /// Length of every embedding vector.
 pub const EMBEDDING_DIMENSIONS: usize = 384;
@@ -83,7 +82,7 @@ pub enum EmbedderError {
     Weights {
         path: PathBuf,
         #[source]
-        source: candle_core::Error,
+        source: elaaoms_minilm::ModelError,
     },
     /// Tokenising the input texts failed.
     #[error("tokenising {count} text(s) for embedding failed: {source}")]
@@ -91,13 +90,6 @@ pub enum EmbedderError {
         count: usize,
         #[source]
         source: tokenizers::Error,
-    },
-    /// The forward pass failed.
-    #[error("embedding inference on a batch of {count} text(s) failed: {source}")]
-    Inference {
-        count: usize,
-        #[source]
-        source: candle_core::Error,
     },
     /// The blocking task that ran a batch panicked or was cancelled.
     #[error("embedding task did not complete: {0}")]
@@ -139,18 +131,16 @@ impl EmbedderError {
     }
 }
 
-/// CPU all-MiniLM-L6-v2 on candle. Load once, share.
+/// all-MiniLM-L6-v2 on the CPU. Load once, share.
 pub struct LocalEmbedder {
-    model: BertModel,
+    model: MiniLm,
     tokenizer: Tokenizer,
-    device: Device,
 }
 
 impl std::fmt::Debug for LocalEmbedder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalEmbedder")
             .field("model", &LOCAL_MODEL_NAME)
-            .field("device", &self.device)
             .finish_non_exhaustive()
     }
 }
@@ -167,10 +157,9 @@ impl LocalEmbedder {
     /// Takes a fraction of a second and about 90 MB; do it once per process.
     pub fn load(model_dir: &Path) -> Result<Self, EmbedderError> {
         let started = Instant::now();
-        let device = Device::Cpu;
 
         let config_path = model_dir.join(CONFIG_FILE);
-        let config: Config =
+        let config: BertConfig =
             serde_json::from_slice(&read_model_file(&config_path)?).map_err(|source| {
                 EmbedderError::Config {
                     path: config_path.clone(),
@@ -191,13 +180,10 @@ impl LocalEmbedder {
         };
         let mut tokenizer =
             Tokenizer::from_bytes(read_model_file(&tokenizer_path)?).map_err(tokenizer_error)?;
-        // tokenizer.json pads every text to 128 tokens and cuts at 128: pad a
-        // batch only to its longest text instead, and cut at MAX_TOKENS.
-        let padding = PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..tokenizer.get_padding().cloned().unwrap_or_default()
-        };
-        tokenizer.with_padding(Some(padding));
+        // tokenizer.json pads every text to 128 tokens and cuts at 128. The
+        // forward pass takes each text at its own length: no padding at
+        // all, and a cut at MAX_TOKENS.
+        tokenizer.with_padding(None);
         let truncation = TruncationParams {
             max_length: MAX_TOKENS.min(config.max_position_embeddings),
             ..tokenizer.get_truncation().cloned().unwrap_or_default()
@@ -207,14 +193,12 @@ impl LocalEmbedder {
             .map_err(tokenizer_error)?;
 
         let weights_path = model_dir.join(WEIGHTS_FILE);
-        let weights_error = |source| EmbedderError::Weights {
-            path: weights_path.clone(),
-            source,
-        };
-        let vb =
-            VarBuilder::from_buffered_safetensors(read_model_file(&weights_path)?, DTYPE, &device)
-                .map_err(weights_error)?;
-        let model = BertModel::load(vb, &config).map_err(weights_error)?;
+        let model = MiniLm::load(config, &read_model_file(&weights_path)?).map_err(|source| {
+            EmbedderError::Weights {
+                path: weights_path.clone(),
+                source,
+            }
+        })?;
 
         tracing::info!(
             model = LOCAL_MODEL_NAME,
@@ -222,20 +206,15 @@ impl LocalEmbedder {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "embedding model loaded"
         );
-        Ok(Self {
-            model,
-            tokenizer,
-            device,
-        })
+        Ok(Self { model, tokenizer })
     }
 
-    /// Embeds a batch: pad to the batch's longest (the tokenizer.json's fixed
-    /// 128 padding turned off), truncate at 256 tokens, BERT forward, mean
-    /// pooling over the attention mask, L2-normalise. Returns one 384-vector
-    /// per text, in order.
+    /// Embeds a batch: tokenise (truncating at 256 tokens), BERT forward
+    /// over all the batch's tokens at once without padding, mean pooling,
+    /// L2-normalise. Returns one 384-vector per text, in order.
     ///
-    /// CPU-bound (about 15-20 ms for a short text, more for long batches):
-    /// from async code use [`Embedder`].
+    /// CPU-bound (a few milliseconds for a short text, more for long
+    /// batches): from async code use [`Embedder`].
     pub fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, EmbedderError> {
         if texts.is_empty() {
             return Ok(Vec::new());
@@ -245,44 +224,14 @@ impl LocalEmbedder {
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|source| EmbedderError::Tokenize { count, source })?;
-        let seq_len = encodings.first().map_or(0, |e| e.get_ids().len());
-
-        let mut ids = Vec::with_capacity(count * seq_len);
-        let mut type_ids = Vec::with_capacity(count * seq_len);
-        let mut mask = Vec::with_capacity(count * seq_len);
-        for encoding in &encodings {
-            debug_assert_eq!(encoding.get_ids().len(), seq_len);
-            ids.extend_from_slice(encoding.get_ids());
-            type_ids.extend_from_slice(encoding.get_type_ids());
-            mask.extend_from_slice(encoding.get_attention_mask());
-        }
-        self.forward(ids, type_ids, mask, (count, seq_len))
-            .map_err(|source| EmbedderError::Inference { count, source })
-    }
-
-    fn forward(
-        &self,
-        ids: Vec<u32>,
-        type_ids: Vec<u32>,
-        mask: Vec<u32>,
-        shape: (usize, usize),
-    ) -> candle_core::Result<Vec<Vec<f32>>> {
-        let ids = Tensor::from_vec(ids, shape, &self.device)?;
-        let type_ids = Tensor::from_vec(type_ids, shape, &self.device)?;
-        let mask = Tensor::from_vec(mask, shape, &self.device)?;
-
-        // [batch, seq, hidden]
-        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?;
-
-        // Mean over the real tokens only: padding has mask 0.
-        let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // [batch, seq, 1]
-        let summed = hidden.broadcast_mul(&mask)?.sum(1)?; // [batch, hidden]
-        let counts = mask.sum(1)?; // [batch, 1]
-        let mean = summed.broadcast_div(&counts)?;
-
-        let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?; // [batch, 1]
-        let normalised = mean.broadcast_div(&norms)?;
-        normalised.to_vec2::<f32>()
+        let tokens: Vec<Tokens<'_>> = encodings
+            .iter()
+            .map(|encoding| Tokens {
+                ids: encoding.get_ids(),
+                type_ids: encoding.get_type_ids(),
+            })
+            .collect();
+        Ok(self.model.embed(&tokens))
     }
 }
 

@@ -1,0 +1,242 @@
+//! The one hot loop: a linear layer, `y = x Wᵀ + b`, for a few to a few
+//! hundred token rows against weights stored one output per row.
+//!
+//! Each output is a dot product of a token row with a weight row, both
+//! contiguous, so no operand is packed. Blocks of 3 token rows × 4 weight
+//! rows keep 12 sums in AVX registers; a block of weight rows (4 × 1.5-6 KB)
+//! stays in L1 while every token row passes by, so each weight is read from
+//! memory once per call. Without AVX2 and FMA a portable loop does the same.
+
+/// `output[t][o] = bias[o] + Σ_k input[t][k] · weight[o][k]`, with
+/// `input` `tokens × k`, `weight` `outputs × k`, `output` `tokens × outputs`.
+pub fn linear(input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
+    let outputs = bias.len();
+    assert!(outputs > 0 && weight.len().is_multiple_of(outputs), "weight shape");
+    let k = weight.len() / outputs;
+    assert!(k > 0 && input.len().is_multiple_of(k), "input shape");
+    let tokens = input.len() / k;
+    assert_eq!(output.len(), tokens * outputs, "output shape");
+
+    #[cfg(target_arch = "x86_64")]
+    if k.is_multiple_of(8)
+        && outputs.is_multiple_of(4)
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above), and the
+        // shapes were checked: k is a multiple of 8, outputs of 4.
+        unsafe { avx2::linear(input, weight, bias, output, k) };
+        return;
+    }
+    portable(input, weight, bias, output, k);
+}
+
+fn portable(input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32], k: usize) {
+    let outputs = bias.len();
+    for (row, out) in input.chunks_exact(k).zip(output.chunks_exact_mut(outputs)) {
+        for ((o, w), b) in out.iter_mut().zip(weight.chunks_exact(k)).zip(bias) {
+            // Four partial sums, so the compiler can vectorise.
+            let mut sums = [0.0f32; 4];
+            for (x, y) in row.chunks_exact(4).zip(w.chunks_exact(4)) {
+                for lane in 0..4 {
+                    sums[lane] += x[lane] * y[lane];
+                }
+            }
+            let tail: f32 = row
+                .chunks_exact(4)
+                .remainder()
+                .iter()
+                .zip(w.chunks_exact(4).remainder())
+                .map(|(x, y)| x * y)
+                .sum();
+            *o = b + sums.iter().sum::<f32>() + tail;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Callers guarantee AVX2 and FMA, `k % 8 == 0` and `outputs % 4 == 0`,
+    /// and consistent slice lengths (checked by `super::linear`).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn linear(
+        input: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        output: &mut [f32],
+        k: usize,
+    ) {
+        let outputs = bias.len();
+        let tokens = input.len() / k;
+        let x = input.as_ptr();
+        let out = output.as_mut_ptr();
+        for first_out in (0..outputs).step_by(4) {
+            let w = weight.as_ptr().add(first_out * k);
+            let b = bias.as_ptr().add(first_out);
+            let mut row = 0;
+            while row + 3 <= tokens {
+                three_rows(
+                    x.add(row * k),
+                    w,
+                    b,
+                    out.add(row * outputs + first_out),
+                    k,
+                    outputs,
+                );
+                row += 3;
+            }
+            while row < tokens {
+                one_row(x.add(row * k), w, b, out.add(row * outputs + first_out), k);
+                row += 1;
+            }
+        }
+    }
+
+    /// Outputs 0..4 (weight rows `w`, `w + k`, ...) of token rows `x`,
+    /// `x + k`, `x + 2k`: twelve sums in registers.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn three_rows(
+        x: *const f32,
+        w: *const f32,
+        b: *const f32,
+        out: *mut f32,
+        k: usize,
+        outputs: usize,
+    ) {
+        let (mut s00, mut s01, mut s02, mut s03) = zeros();
+        let (mut s10, mut s11, mut s12, mut s13) = zeros();
+        let (mut s20, mut s21, mut s22, mut s23) = zeros();
+        let mut step = 0;
+        while step < k {
+            let x0 = _mm256_loadu_ps(x.add(step));
+            let x1 = _mm256_loadu_ps(x.add(k + step));
+            let x2 = _mm256_loadu_ps(x.add(2 * k + step));
+            let w0 = _mm256_loadu_ps(w.add(step));
+            s00 = _mm256_fmadd_ps(x0, w0, s00);
+            s10 = _mm256_fmadd_ps(x1, w0, s10);
+            s20 = _mm256_fmadd_ps(x2, w0, s20);
+            let w1 = _mm256_loadu_ps(w.add(k + step));
+            s01 = _mm256_fmadd_ps(x0, w1, s01);
+            s11 = _mm256_fmadd_ps(x1, w1, s11);
+            s21 = _mm256_fmadd_ps(x2, w1, s21);
+            let w2 = _mm256_loadu_ps(w.add(2 * k + step));
+            s02 = _mm256_fmadd_ps(x0, w2, s02);
+            s12 = _mm256_fmadd_ps(x1, w2, s12);
+            s22 = _mm256_fmadd_ps(x2, w2, s22);
+            let w3 = _mm256_loadu_ps(w.add(3 * k + step));
+            s03 = _mm256_fmadd_ps(x0, w3, s03);
+            s13 = _mm256_fmadd_ps(x1, w3, s13);
+            s23 = _mm256_fmadd_ps(x2, w3, s23);
+            step += 8;
+        }
+        store(out, b, s00, s01, s02, s03);
+        store(out.add(outputs), b, s10, s11, s12, s13);
+        store(out.add(2 * outputs), b, s20, s21, s22, s23);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn one_row(x: *const f32, w: *const f32, b: *const f32, out: *mut f32, k: usize) {
+        let (mut s0, mut s1, mut s2, mut s3) = zeros();
+        let mut step = 0;
+        while step < k {
+            let x0 = _mm256_loadu_ps(x.add(step));
+            s0 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w.add(step)), s0);
+            s1 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w.add(k + step)), s1);
+            s2 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w.add(2 * k + step)), s2);
+            s3 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w.add(3 * k + step)), s3);
+            step += 8;
+        }
+        store(out, b, s0, s1, s2, s3);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn zeros() -> (__m256, __m256, __m256, __m256) {
+        let zero = _mm256_setzero_ps();
+        (zero, zero, zero, zero)
+    }
+
+    /// `out[i] = b[i] + (sum of the lanes of s_i)` for i in 0..4.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store(out: *mut f32, b: *const f32, s0: __m256, s1: __m256, s2: __m256, s3: __m256) {
+        // Two rounds of pairwise horizontal adds leave, per 128-bit half,
+        // the four partial sums in order; adding the halves finishes them.
+        let s01 = _mm256_hadd_ps(s0, s1);
+        let s23 = _mm256_hadd_ps(s2, s3);
+        let s0123 = _mm256_hadd_ps(s01, s23);
+        let sums = _mm_add_ps(
+            _mm256_castps256_ps128(s0123),
+            _mm256_extractf128_ps(s0123, 1),
+        );
+        _mm_storeu_ps(out, _mm_add_ps(sums, _mm_loadu_ps(b)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(count: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed;
+        (0..count)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(input: &[f32], weight: &[f32], bias: &[f32], k: usize) -> Vec<f32> {
+        let outputs = bias.len();
+        let mut output = Vec::new();
+        for row in input.chunks_exact(k) {
+            for o in 0..outputs {
+                let w = &weight[o * k..(o + 1) * k];
+                let sum: f64 = row
+                    .iter()
+                    .zip(w)
+                    .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                    .sum();
+                output.push((sum + f64::from(bias[o])) as f32);
+            }
+        }
+        output
+    }
+
+    #[test]
+    fn every_row_count_and_both_paths_match_a_reference() {
+        for (tokens, k, outputs) in [
+            (1, 384, 384),
+            (2, 384, 1152),
+            (3, 8, 4),
+            (7, 1536, 384),
+            (12, 384, 1536),
+            (5, 12, 6),
+        ] {
+            let input = values(tokens * k, 1);
+            let weight = values(outputs * k, 2);
+            let bias = values(outputs, 3);
+            let expected = reference(&input, &weight, &bias, k);
+            let mut fast = vec![0.0; tokens * outputs];
+            linear(&input, &weight, &bias, &mut fast);
+            let mut slow = vec![0.0; tokens * outputs];
+            portable(&input, &weight, &bias, &mut slow, k);
+            for (i, ((f, s), e)) in fast.iter().zip(&slow).zip(&expected).enumerate() {
+                assert!(
+                    (f - e).abs() < 1e-3,
+                    "{tokens}x{k}x{outputs}[{i}]: {f} vs {e}"
+                );
+                assert!(
+                    (s - e).abs() < 1e-3,
+                    "{tokens}x{k}x{outputs}[{i}]: {s} vs {e}"
+                );
+            }
+        }
+    }
+}
