@@ -1,8 +1,9 @@
 //! `elaaoms eval`: precision and recall of an extractor on the labelled set
-//! (the logic is in `elaaoms_extractor::eval`). `--provider rules` needs
-//! nothing; an LLM provider uses the extractor's own configuration
-//! (OPENAI_API_KEY, ANTHROPIC_API_KEY, ...), built exactly as the worker
-//! builds it.
+//! (the logic is in `elaaoms_extractor::eval`). `elaaoms eval-dedup`: the
+//! quality of deduplication's stage 2 on the labelled pairs (the logic is in
+//! `elaaoms_indexer::quality`). `--provider rules` needs nothing; an LLM
+//! provider uses the extractor's own configuration (OPENAI_API_KEY,
+//! ANTHROPIC_API_KEY, ...), built exactly as the workers build it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,6 +11,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use elaaoms_extractor::eval::{self, EvalExtractor, DEFAULT_MATCH_THRESHOLD};
 use elaaoms_extractor::{LlmSettings, OrganizationLlm, Providers};
+use elaaoms_indexer::dedup::{judge, RulesThresholds};
+use elaaoms_indexer::quality;
 use elaaoms_shared::config::EmbeddingConfig;
 use elaaoms_shared::embedder::Embedder;
 
@@ -96,5 +99,103 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
             bail!("precision below {floor}");
         }
     }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalDedupArgs {
+    /// The labelled pairs (JSON lines: existing, new, type, label).
+    #[arg(long, default_value = "indexer/tests/data/dedup_pairs.jsonl")]
+    pairs: PathBuf,
+    /// Stage 2: `rules`, or the LLM judge of `openai`, `anthropic` or `openai-compatible`.
+    #[arg(long, default_value = "rules")]
+    provider: String,
+    /// The model (default: the provider's configured model).
+    #[arg(long)]
+    model: Option<String>,
+    /// The provider's base URL (default: the configured one).
+    #[arg(long)]
+    base_url: Option<String>,
+    /// Pairs per judge call (the indexer sends one extraction's pairs per call).
+    #[arg(long, default_value_t = quality::DEFAULT_BATCH_SIZE)]
+    batch_size: usize,
+    #[command(flatten)]
+    embedding: EmbeddingConfig,
+    #[command(flatten)]
+    llm: LlmSettings,
+}
+
+pub async fn eval_dedup(args: EvalDedupArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.pairs)
+        .with_context(|| format!("reading {}", args.pairs.display()))?;
+    let pairs = quality::load_pairs(&text)?;
+    let embedder = Embedder::local(&args.embedding.embedding_model_dir)
+        .context("loading the local embedder (run deploy/local/setup.sh)")?;
+    let similarities = quality::similarities(&embedder, &pairs).await?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .context("building the HTTP client")?;
+    let retry_policy = args.llm.retry_policy();
+    let providers = Providers::new(http, args.llm);
+    let provider = providers
+        .for_organization(&OrganizationLlm {
+            provider: args.provider.clone(),
+            model: args.model,
+            base_url: args.base_url,
+        })
+        .map_err(|err| anyhow::anyhow!(err))?;
+    // The indexer's defaults: the rules decide, or decide what the judge left.
+    let rules = RulesThresholds::default();
+    println!(
+        "evaluating deduplication by {} on {} pair(s) from {}",
+        args.provider,
+        pairs.len(),
+        args.pairs.display()
+    );
+    let report = match provider {
+        None => quality::evaluate(
+            format!(
+                "rules mode, duplicate bar {}, conflict bar {}",
+                rules.duplicate, rules.conflict
+            ),
+            &pairs,
+            &similarities,
+            rules,
+            |index, similarity| judge(&pairs[index].existing, &pairs[index].new, similarity, rules),
+        ),
+        Some(provider) => {
+            let judged = quality::judge_in_batches(
+                provider.as_ref(),
+                &retry_policy,
+                &pairs,
+                &similarities,
+                args.batch_size,
+            )
+            .await;
+            for failure in &judged.failures {
+                eprintln!("  a judge call failed (its pairs went to the rules): {failure}");
+            }
+            let mut report = quality::evaluate(
+                format!(
+                    "LLM judge {} ({}), rules fallback duplicate bar {}, conflict bar {}",
+                    provider.name(),
+                    provider.model(),
+                    rules.duplicate,
+                    rules.conflict
+                ),
+                &pairs,
+                &similarities,
+                rules,
+                |index, similarity| judged.decide(&pairs, index, similarity, rules),
+            );
+            report.judge = Some(judged.coverage);
+            report
+        }
+    };
+    for miss in &report.misses {
+        println!("{miss}");
+    }
+    println!("{report}");
     Ok(())
 }

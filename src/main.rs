@@ -60,6 +60,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Precision and recall of an extractor on the labelled transcripts.
     Eval(Box<eval::EvalArgs>),
+    /// Quality of deduplication (rules or an LLM judge) on the labelled pairs.
+    EvalDedup(Box<eval::EvalDedupArgs>),
     /// Extract a period's conversations again from the stored transcripts.
     Reextract(Box<reextract::ReextractArgs>),
     /// Re-embed the memories embedded by another model than the configured one.
@@ -156,6 +158,7 @@ async fn main() -> Result<()> {
         Command::Backfill(args) => backfill::backfill(args).await,
         Command::Bench(args) => bench::bench(args).await,
         Command::Eval(args) => eval::eval(*args).await,
+        Command::EvalDedup(args) => eval::eval_dedup(*args).await,
         Command::Reextract(args) => reextract::reextract(*args).await,
         Command::Reembed(args) => reembed::reembed(*args).await,
         Command::Dedup(args) => dedup::dedup(args).await,

@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod dedup;
 pub mod judge;
+pub mod quality;
 pub mod recalculate;
 
 use std::net::SocketAddr;

@@ -107,48 +107,54 @@ pub(crate) struct CallerContext {
     pub tokenizer: &'static str,
 }
 
-fn memories_sql(open_issues: bool) -> String {
-    let (filter, order) = if open_issues {
-        (
-            "m.type = 'issue' AND m.status = 'open'",
-            "m.importance DESC, m.created_at DESC, m.id",
-        )
-    } else {
-        (
-            "NOT (m.type = 'issue' AND m.status = 'open')",
-            "m.created_at DESC, m.id",
-        )
-    };
-    format!(
-        "SELECT {MEMORY_COLUMNS}
-           FROM memories m
-           JOIN organizations o ON o.id = m.organization_id
-          WHERE m.organization_id = $1
-            AND m.caller_id = $2
-            AND ($3::text IS NULL OR {visible})
-            AND {filter}
-          ORDER BY {order}
-          LIMIT $4",
-        visible = visible_to_agent_sql("$3"),
-    )
+/// One row of the context query: a memory and the section it is for.
+#[derive(sqlx::FromRow)]
+struct SectionRow {
+    section: String,
+    #[sqlx(flatten)]
+    memory: MemoryView,
 }
 
-static OPEN_ISSUES_SQL: LazyLock<String> = LazyLock::new(|| memories_sql(true));
-static RECENT_SQL: LazyLock<String> = LazyLock::new(|| memories_sql(false));
-static NAME_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT m.content
-           FROM memories m
-           JOIN organizations o ON o.id = m.organization_id
-          WHERE m.organization_id = $1
-            AND m.caller_id = $2
-            AND ($3::text IS NULL OR {visible})
-            AND m.type = 'factual'
-            AND (m.content ILIKE 'caller%' OR m.content ILIKE 'the caller%')
-          ORDER BY m.created_at DESC
-          LIMIT 20",
-        visible = visible_to_agent_sql("$3"),
-    )
+/// The open issues, the recent memories and the name-like facts of one
+/// caller, visible to the agent, in one statement (one round trip instead
+/// of three). Each part is ordered and limited on its own; `load_context`
+/// orders them again, since UNION ALL does not promise to keep an order.
+static CONTEXT_SQL: LazyLock<String> = LazyLock::new(|| {
+    let part = |section: &str, filter: &str, order: &str, limit: &str| {
+        format!(
+            "(SELECT '{section}' AS section, {MEMORY_COLUMNS}
+                FROM memories m
+                JOIN organizations o ON o.id = m.organization_id
+               WHERE m.organization_id = $1
+                 AND m.caller_id = $2
+                 AND ($3::text IS NULL OR {visible})
+                 AND {filter}
+               ORDER BY {order}
+               LIMIT {limit})",
+            visible = visible_to_agent_sql("$3"),
+        )
+    };
+    [
+        part(
+            "issue",
+            "m.type = 'issue' AND m.status = 'open'",
+            "m.importance DESC, m.created_at DESC, m.id",
+            "$4",
+        ),
+        part(
+            "recent",
+            "NOT (m.type = 'issue' AND m.status = 'open')",
+            "m.created_at DESC, m.id",
+            "$4",
+        ),
+        part(
+            "name",
+            "m.type = 'factual' AND (m.content ILIKE 'caller%' OR m.content ILIKE 'the caller%')",
+            "m.created_at DESC, m.id",
+            "20",
+        ),
+    ]
+    .join(" UNION ALL ")
 });
 
 /// Reads the caller's context inside an organization transaction.
@@ -169,27 +175,30 @@ pub(crate) async fn load_context(
     .fetch_optional(&mut **tx)
     .await?;
     let (open_issues, memories, caller_name) = if summary.is_some() {
-        let open_issues: Vec<MemoryView> = sqlx::query_as(OPEN_ISSUES_SQL.as_str())
+        let rows: Vec<SectionRow> = sqlx::query_as(CONTEXT_SQL.as_str())
             .bind(organization_id)
             .bind(caller_id.as_str())
             .bind(agent)
             .bind(CONTEXT_MEMORIES)
             .fetch_all(&mut **tx)
             .await?;
-        let memories: Vec<MemoryView> = sqlx::query_as(RECENT_SQL.as_str())
-            .bind(organization_id)
-            .bind(caller_id.as_str())
-            .bind(agent)
-            .bind(CONTEXT_MEMORIES)
-            .fetch_all(&mut **tx)
-            .await?;
-        let name_memories: Vec<String> = sqlx::query_scalar(NAME_SQL.as_str())
-            .bind(organization_id)
-            .bind(caller_id.as_str())
-            .bind(agent)
-            .fetch_all(&mut **tx)
-            .await?;
-        let name = name_memories.iter().find_map(|content| name_from(content));
+        let (mut open_issues, mut memories, mut named) = (Vec::new(), Vec::new(), Vec::new());
+        for row in rows {
+            match row.section.as_str() {
+                "issue" => open_issues.push(row.memory),
+                "recent" => memories.push(row.memory),
+                _ => named.push(row.memory),
+            }
+        }
+        let newest_first = |a: &MemoryView, b: &MemoryView| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then(a.memory_id.cmp(&b.memory_id))
+        };
+        open_issues.sort_by(|a, b| b.importance.cmp(&a.importance).then(newest_first(a, b)));
+        memories.sort_by(newest_first);
+        named.sort_by(newest_first);
+        let name = named.iter().find_map(|memory| name_from(&memory.content));
         (open_issues, memories, name)
     } else {
         (Vec::new(), Vec::new(), None)
