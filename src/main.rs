@@ -118,7 +118,16 @@ struct RunArgs {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing(&cli.telemetry);
+    // The default `service.name` of exported traces.
+    let service = match &cli.command {
+        Command::Ingest(_) => "elaaoms-ingest",
+        Command::Extractor(_) => "elaaoms-extractor",
+        Command::Indexer(_) => "elaaoms-indexer",
+        Command::Query(_) => "elaaoms-query",
+        _ => "elaaoms",
+    };
+    // Held to the end of main: dropping it sends the last spans.
+    let _telemetry = init_tracing(&cli.telemetry, service).context("setting up telemetry")?;
     rustls::crypto::ring::default_provider()
         .install_default()
         .ok();

@@ -29,7 +29,7 @@ use elaaoms_shared::domain::{ConversationId, ConversationStatus};
 use elaaoms_shared::http::ApiError;
 use elaaoms_shared::payload_store::{PayloadKind, PayloadStore, PayloadStoreError};
 use elaaoms_shared::telemetry::{self, Health};
-use elaaoms_shared::trace::{TraceParent, TRACEPARENT_HEADER};
+use elaaoms_shared::trace::{link_span, TraceParent, TRACEPARENT_HEADER};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -365,19 +365,21 @@ async fn handle_webhook(
     *kind = webhook.kind();
     let conversation_id = webhook.conversation_id().clone();
     // One trace per webhook, continued from the sender's `traceparent`
-    // when it sends a valid one; the transcript's event carries it on.
-    let trace = TraceParent::continue_or_start(
-        headers
-            .get(TRACEPARENT_HEADER)
-            .and_then(|value| value.to_str().ok()),
-    );
+    // when it sends a valid one (in the OTLP exporter too, when it is on);
+    // the transcript's event carries it on.
     let span = tracing::info_span!(
         "webhook",
         kind = *kind,
         conversation_id = conversation_id.as_str(),
         %organization_id,
-        trace_id = trace.trace_id(),
-        span_id = trace.span_id()
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty
+    );
+    let trace = link_span(
+        &span,
+        headers
+            .get(TRACEPARENT_HEADER)
+            .and_then(|value| value.to_str().ok()),
     );
     // Instrumented, not entered: the span must not leak into other tasks
     // polled on this thread while the webhook awaits.

@@ -192,6 +192,7 @@ fn config(database_url: secrecy::SecretString, max_connections: u32, addr: Socke
                 .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
             bus_namespace: "query_search_tests".to_owned(),
             stream_max_bytes: 1 << 20,
+            nats_stream_replicas: 1,
         },
         payloads: PayloadStoreConfig {
             payload_dir: std::env::temp_dir().join("elaaoms-query-search-tests-unused"),

@@ -86,6 +86,12 @@ pub struct BusConfig {
     /// Upper bound on the event stream's size on disk.
     #[arg(long, env = "STREAM_MAX_BYTES", default_value_t = 1 << 30)]
     pub stream_max_bytes: i64,
+
+    /// Copies of each stream (events and dead letters) in a NATS cluster:
+    /// 1 on a single server, 3 in production. Applied to existing streams
+    /// at start.
+    #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_stream_replicas: u8,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -153,6 +159,30 @@ pub struct TelemetryConfig {
     /// tracing filter, e.g. `info,elaaoms_ingest=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
+
+    /// OTLP/HTTP (protobuf) collector to export traces to, e.g.
+    /// `http://otel-collector:4318` (spans go to `/v1/traces` under it).
+    /// Unset: no exporter.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+
+    /// `service.name` of the exported spans; default: the service's name
+    /// (`elaaoms-ingest`, `elaaoms-extractor`, ...).
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+
+    /// Share of new traces exported, 0.0 to 1.0; a trace continued from a
+    /// `traceparent` follows its sampled flag.
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub otel_traces_sampler_arg: f64,
+}
+
+/// clap value parser for a ratio between 0 and 1.
+pub fn parse_ratio(value: &str) -> Result<f64, String> {
+    match value.trim().parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("`{value}` is not a ratio between 0.0 and 1.0")),
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +224,15 @@ mod tests {
         let printed = format!("{cli:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("REDACTED"), "{printed}");
+    }
+
+    #[test]
+    fn ratios_between_zero_and_one_only() {
+        assert_eq!(parse_ratio("0.25").unwrap(), 0.25);
+        assert_eq!(parse_ratio("1").unwrap(), 1.0);
+        assert!(parse_ratio("1.5").is_err());
+        assert!(parse_ratio("-0.1").is_err());
+        assert!(parse_ratio("half").is_err());
     }
 
     #[test]

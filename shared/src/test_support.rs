@@ -217,6 +217,7 @@ impl TestBus {
                 .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
             bus_namespace: format!("t{}x{}", now_secs(), random_suffix()),
             stream_max_bytes: 64 << 20,
+            nats_stream_replicas: 1,
         };
         Self::with_config(config).await
     }

@@ -3,13 +3,17 @@
 //! trace: ingest starts (or continues) it, each worker publishes its next
 //! event with a child of the one it consumed.
 //!
-//! Dependency-free on purpose: ids come from `rand`, the header is formatted
-//! here, and the logs carry `trace_id` as a span field. An OpenTelemetry
-//! exporter can adopt the same ids later without changing the wire format.
+//! Ids come from `rand`, the header is formatted here, and the logs carry
+//! `trace_id` as a span field. When the OTLP exporter is on (see
+//! `telemetry`), [`link_span`] makes the exported span continue the
+//! incoming header and adopts that span's ids, so the ids in the logs, in
+//! the headers and in the exporter are the same: the W3C header is the link.
 
 use std::fmt;
 
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use rand::Rng;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The header name, in HTTP and in NATS message headers (W3C spells it in
 /// lower case).
@@ -102,6 +106,65 @@ impl TraceParent {
     pub fn span_id(&self) -> String {
         hex::encode(self.span_id)
     }
+
+    /// The same ids as an OpenTelemetry span context received from another
+    /// process: what a span continuing this header takes as its parent.
+    pub fn remote_span_context(&self) -> SpanContext {
+        SpanContext::new(
+            TraceId::from_bytes(self.trace_id),
+            SpanId::from_bytes(self.span_id),
+            TraceFlags::new(self.flags),
+            true,
+            TraceState::NONE,
+        )
+    }
+
+    /// The header of an OpenTelemetry span; `None` for an invalid context
+    /// (no exporter, or a disabled span).
+    pub fn from_span_context(context: &SpanContext) -> Option<Self> {
+        if !context.is_valid() {
+            return None;
+        }
+        Some(Self {
+            trace_id: context.trace_id().to_bytes(),
+            span_id: context.span_id().to_bytes(),
+            flags: context.trace_flags().to_u8(),
+        })
+    }
+}
+
+/// Makes `span` this service's span of the trace in `incoming` (a
+/// `traceparent` header as received, if any) and returns the header to log
+/// and to send on. Records it in the span's `trace_id` and `span_id`
+/// fields, which the span should declare as `tracing::field::Empty`.
+///
+/// With the OTLP exporter on, the exported span takes the incoming header
+/// as its remote parent, and its own ids (and sampling decision) become the
+/// returned header: the next service's span is then its child in the
+/// exporter, under the same trace id as in the logs. Without the exporter
+/// (or with the span filtered out) this is
+/// [`TraceParent::continue_or_start`].
+pub fn link_span(span: &tracing::Span, incoming: Option<&str>) -> TraceParent {
+    let parent = incoming.and_then(TraceParent::parse);
+    if let Some(parent) = &parent {
+        // An error means no OpenTelemetry layer or a disabled span: then
+        // there is nothing to export and our own ids are used below.
+        let _ = span.set_parent(
+            opentelemetry::Context::new().with_remote_span_context(parent.remote_span_context()),
+        );
+    }
+    // Starts the exported span (its parent is fixed from here on).
+    let exported = span.context();
+    let trace =
+        TraceParent::from_span_context(exported.span().span_context()).unwrap_or_else(|| {
+            match parent {
+                Some(parent) => parent.child(),
+                None => TraceParent::new_root(),
+            }
+        });
+    span.record("trace_id", trace.trace_id());
+    span.record("span_id", trace.span_id());
+    trace
 }
 
 impl fmt::Display for TraceParent {
@@ -211,6 +274,16 @@ mod tests {
         let continued = TraceParent::continue_or_start(Some(VALID));
         assert_eq!(continued.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_ne!(continued.span_id(), "00f067aa0ba902b7", "a child span");
+    }
+
+    #[test]
+    fn the_ids_round_trip_through_an_opentelemetry_span_context() {
+        let parsed = TraceParent::parse(VALID).unwrap();
+        let context = parsed.remote_span_context();
+        assert!(context.is_remote() && context.is_sampled());
+        assert_eq!(context.trace_id().to_string(), parsed.trace_id());
+        assert_eq!(TraceParent::from_span_context(&context), Some(parsed));
+        assert_eq!(TraceParent::from_span_context(&SpanContext::NONE), None);
     }
 
     #[test]

@@ -198,6 +198,7 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
                     .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
                 bus_namespace: "bench".to_owned(),
                 stream_max_bytes: 1 << 20,
+                nats_stream_replicas: 1,
             },
             payloads: elaaoms_shared::config::PayloadStoreConfig {
                 payload_dir: std::env::temp_dir().join("elaaoms-bench-payloads-unused"),

@@ -54,7 +54,7 @@ use super::{
     DLQ_ORIGINAL_SUBJECT_HEADER, DLQ_REASON_HEADER, DLQ_SERVICE_HEADER, ORGANIZATION_HEADER,
 };
 use crate::config::WorkerConfig;
-use crate::trace::{TraceParent, TRACEPARENT_HEADER};
+use crate::trace::{link_span, TraceParent, TRACEPARENT_HEADER};
 
 /// Why a handler did not finish a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,8 +105,9 @@ pub struct Delivery {
     pub stream_sequence: u64,
     /// This worker's span of the message's trace: a child of its
     /// `traceparent` header (same trace id, new span id), or a new trace
-    /// when it carries none or a malformed one. Handlers publish their next
-    /// event with it (`Bus::publish_traced`), so it is the parent there.
+    /// when it carries none or a malformed one; with the OTLP exporter on,
+    /// the exported span's ids. Handlers publish their next event with it
+    /// (`Bus::publish_traced`), so it is the parent there.
     pub trace: TraceParent,
 }
 
@@ -453,7 +454,7 @@ fn log_task_failure(finished: Result<(), tokio::task::JoinError>) {
     }
 }
 
-fn delivery_of(message: &jetstream::Message) -> Delivery {
+fn delivery_of(message: &jetstream::Message, trace: TraceParent) -> Delivery {
     let (attempt, stream_sequence) = message
         .info()
         .map(|info| (info.delivered.max(1) as u64, info.stream_sequence))
@@ -463,13 +464,6 @@ fn delivery_of(message: &jetstream::Message) -> Delivery {
         .as_ref()
         .and_then(|headers| headers.get(ORGANIZATION_HEADER))
         .and_then(|value| Uuid::parse_str(value.as_str()).ok());
-    let trace = TraceParent::continue_or_start(
-        message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(TRACEPARENT_HEADER))
-            .map(|value| value.as_str()),
-    );
     Delivery {
         subject: message.subject.to_string(),
         payload: message.payload.clone(),
@@ -495,17 +489,29 @@ async fn process_message<H: Handler>(
     message: jetstream::Message,
     mut permits: Permits,
 ) {
-    let delivery = Arc::new(delivery_of(&message));
     let span = tracing::info_span!(
         "message",
         service = shared.settings.service,
-        subject = delivery.subject,
-        seq = delivery.stream_sequence,
-        attempt = delivery.attempt,
+        subject = message.subject.as_str(),
+        seq = tracing::field::Empty,
+        attempt = tracing::field::Empty,
         // Every log line of the handler carries the pipeline's trace id.
-        trace_id = delivery.trace.trace_id(),
-        span_id = delivery.trace.span_id()
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty
     );
+    // The span continues the message's `traceparent` (in the OTLP exporter
+    // too, when it is on) and its ids are what the handler sends on.
+    let trace = link_span(
+        &span,
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(TRACEPARENT_HEADER))
+            .map(|value| value.as_str()),
+    );
+    let delivery = Arc::new(delivery_of(&message, trace));
+    span.record("seq", delivery.stream_sequence);
+    span.record("attempt", delivery.attempt);
     async move {
         let progress = ProgressReports::start(message.clone(), shared.settings.ack_wait);
         let settle = decide(&shared, &delivery, &mut permits).await;

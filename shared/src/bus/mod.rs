@@ -46,6 +46,16 @@ pub enum BusError {
         #[source]
         source: async_nats::jetstream::context::CreateStreamError,
     },
+    #[error(
+        "cannot keep {replicas} replicas of stream {stream}: {reason}; \
+         set NATS_STREAM_REPLICAS=1 for a single NATS server (at most the \
+         cluster's size otherwise)"
+    )]
+    StreamReplicas {
+        stream: String,
+        replicas: usize,
+        reason: String,
+    },
     #[error("cannot publish to {subject}: {reason}")]
     Publish { subject: String, reason: String },
     #[error("JetStream consumer {consumer}: {reason}")]
@@ -208,6 +218,7 @@ pub struct Bus {
     pub jetstream: jetstream::Context,
     pub names: BusNames,
     stream_max_bytes: i64,
+    stream_replicas: usize,
 }
 
 /// Deadline for a PubAck: short, because the webhook path waits for it and
@@ -234,11 +245,13 @@ impl Bus {
             jetstream,
             names: BusNames::new(&config.bus_namespace),
             stream_max_bytes: config.stream_max_bytes,
+            stream_replicas: usize::from(config.nats_stream_replicas),
         })
     }
 
-    /// Creates both streams, or updates them to the current settings:
-    /// safe to run from every replica at every start.
+    /// Creates both streams, or updates them to the current settings
+    /// (replica count included: a NATS cluster copies the data to new peers
+    /// in the background): safe to run from every replica at every start.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
         let events = stream::Config {
             name: self.names.event_stream(),
@@ -250,6 +263,7 @@ impl Bus {
             max_bytes: self.stream_max_bytes,
             discard: stream::DiscardPolicy::Old,
             duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: self.stream_replicas,
             ..Default::default()
         };
         // Dead letters wait for an operator: no age limit, and when full the
@@ -263,19 +277,65 @@ impl Bus {
             max_bytes: self.stream_max_bytes,
             discard: stream::DiscardPolicy::New,
             duplicate_window: DUPLICATE_WINDOW,
+            num_replicas: self.stream_replicas,
             ..Default::default()
         };
         for config in [events, dead_letters] {
             let name = config.name.clone();
+            // A missing stream is created below (and any other error
+            // shows there too).
+            if let Ok(existing) = self.jetstream.get_stream(&name).await {
+                let current = existing.cached_info().config.num_replicas;
+                if current != self.stream_replicas {
+                    self.check_replicas_supported(&name)?;
+                    tracing::info!(
+                        stream = name,
+                        from = current,
+                        to = self.stream_replicas,
+                        "changing the stream's replica count (NATS_STREAM_REPLICAS)"
+                    );
+                }
+            }
             self.jetstream
                 .create_or_update_stream(config)
                 .await
-                .map_err(|source| BusError::StreamSetup {
-                    stream: name,
-                    source,
-                })?;
+                .map_err(|source| self.stream_setup_error(name, source))?;
         }
         Ok(())
+    }
+
+    /// A standalone server refuses more than one replica when a stream is
+    /// created (see [`Bus::stream_setup_error`]) but accepts it silently in
+    /// an update (nats-server 2.9), keeping one copy. Its INFO names a
+    /// cluster only when it is in one.
+    fn check_replicas_supported(&self, stream: &str) -> Result<(), BusError> {
+        if self.stream_replicas > 1 && self.client.server_info().cluster.is_none() {
+            return Err(BusError::StreamReplicas {
+                stream: stream.to_owned(),
+                replicas: self.stream_replicas,
+                reason: "the NATS server is not part of a cluster".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn stream_setup_error(
+        &self,
+        stream: String,
+        source: async_nats::jetstream::context::CreateStreamError,
+    ) -> BusError {
+        use async_nats::jetstream::context::CreateStreamErrorKind;
+        if let CreateStreamErrorKind::JetStream(js) = source.kind() {
+            // 10074: "replicas > 1 not supported in non-clustered mode".
+            if js.error_code() == jetstream::ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED {
+                return BusError::StreamReplicas {
+                    stream,
+                    replicas: self.stream_replicas,
+                    reason: js.to_string(),
+                };
+            }
+        }
+        BusError::StreamSetup { stream, source }
     }
 
     /// Publishes and waits for the PubAck; a duplicate (same message id
