@@ -559,21 +559,26 @@ impl ExtractHandler {
 impl Handler for ExtractHandler {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
         let mut event = Self::decode(delivery)?;
-        self.resolve_payload_ref(&mut event).await?;
+        // Before the transcript is read: an erased caller's payload file is
+        // gone, and the event is dropped anyway.
         let context = self.context(&event).await?;
+        if context.erased {
+            self.metrics.outcomes.with_label_values(&["erased"]).inc();
+            tracing::info!(
+                conversation_id = event.payload.conversation_id,
+                "caller erased: dropping transcript"
+            );
+            if let Err(err) = self.bus.delete_event(delivery.stream_sequence).await {
+                tracing::warn!(error = %err, "cannot delete an erased caller's event; it goes at retention");
+            }
+            return Ok(());
+        }
+        self.resolve_payload_ref(&mut event).await?;
         // Redacted before any extractor reads it, so a provider never sees
         // what we would not store; the memories are redacted again below
         // (a model may reassemble what it was given in pieces).
         event.payload.turns = context.privacy.redact_turns(&event.payload.turns);
         let transcript = &event.payload;
-        if context.erased {
-            self.metrics.outcomes.with_label_values(&["erased"]).inc();
-            tracing::info!(
-                conversation_id = transcript.conversation_id,
-                "caller erased: dropping transcript"
-            );
-            return Ok(());
-        }
         if context
             .generation
             .is_some_and(|current| current > event.generation)

@@ -61,8 +61,11 @@ pub enum Applied {
     Done(Outcome),
     /// This generation was applied before: nothing changed.
     AlreadyApplied,
-    /// The caller was erased, or a newer generation superseded this one.
+    /// A newer generation superseded this one.
     Dropped,
+    /// The caller was erased (tombstone), or the caller or conversation is
+    /// gone (erasure deleted them).
+    Erased,
 }
 
 /// Words that make a memory a health matter, shared across agents only
@@ -117,7 +120,7 @@ pub async fn apply_extraction(
     .fetch_optional(&mut *tx)
     .await?;
     if caller_exists.is_none() {
-        return Ok(Applied::Dropped);
+        return Ok(Applied::Erased);
     }
     let conversation: Option<(i32, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
         "SELECT generation, start_time FROM conversations WHERE organization_id = $1 AND conversation_id = $2",
@@ -127,17 +130,19 @@ pub async fn apply_extraction(
     .fetch_optional(&mut *tx)
     .await?;
     let Some((current_generation, started_at)) = conversation else {
-        return Ok(Applied::Dropped);
+        return Ok(Applied::Erased);
     };
-    if current_generation > event.generation
-        || db::is_caller_erased(
-            &mut tx,
-            organization_id,
-            &extraction.caller_id,
-            Some(started_at),
-        )
-        .await?
+    if db::is_caller_erased(
+        &mut tx,
+        organization_id,
+        &extraction.caller_id,
+        Some(started_at),
+    )
+    .await?
     {
+        return Ok(Applied::Erased);
+    }
+    if current_generation > event.generation {
         return Ok(Applied::Dropped);
     }
     let first_application = sqlx::query(

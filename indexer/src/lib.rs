@@ -380,8 +380,15 @@ impl Handler for IndexHandler {
             ?applied,
             "indexed"
         );
-        let Applied::Done(outcome) = applied else {
-            return Ok(());
+        let outcome = match applied {
+            Applied::Done(outcome) => outcome,
+            Applied::AlreadyApplied | Applied::Dropped => return Ok(()),
+            Applied::Erased => {
+                if let Err(err) = self.bus.delete_event(delivery.stream_sequence).await {
+                    tracing::warn!(error = %err, "cannot delete an erased caller's event; it goes at retention");
+                }
+                return Ok(());
+            }
         };
         self.metrics.record(&outcome);
         let (created, reinforced) = (outcome.created, outcome.reinforced);

@@ -592,7 +592,7 @@ async fn an_erased_caller_is_dropped() {
             &[Memory("Maya teaches middle school", Factual, 5)],
         ))
         .await;
-    assert_eq!(applied, Applied::Dropped);
+    assert_eq!(applied, Applied::Erased);
     assert!(world.memories().await.is_empty());
 }
 

@@ -11,7 +11,10 @@
 /// `input` `tokens × k`, `weight` `outputs × k`, `output` `tokens × outputs`.
 pub fn linear(input: &[f32], weight: &[f32], bias: &[f32], output: &mut [f32]) {
     let outputs = bias.len();
-    assert!(outputs > 0 && weight.len().is_multiple_of(outputs), "weight shape");
+    assert!(
+        outputs > 0 && weight.len().is_multiple_of(outputs),
+        "weight shape"
+    );
     let k = weight.len() / outputs;
     assert!(k > 0 && input.len().is_multiple_of(k), "input shape");
     let tokens = input.len() / k;

@@ -1470,10 +1470,24 @@ async fn erasure_wins_over_an_extraction_in_flight() {
         .await;
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["memories_deleted"], 1, "{report}");
-    publish_extraction(&h, org.id, "conv_maya_2", MAYA, "Maya moved to Berkeley").await;
+    let late = publish_extraction(&h, org.id, "conv_maya_2", MAYA, "Maya moved to Berkeley").await;
     let last =
         publish_extraction(&h, org.id, "conv_priya_2", PRIYA, "Priya drives a blue car").await;
     indexer_settled(&h, last).await;
+    // The indexer deleted the late event it dropped: nothing of Maya is
+    // left in the stream until retention. The other caller's stays.
+    let stream = h
+        .bus
+        .bus
+        .jetstream
+        .get_stream(h.bus.bus.names.event_stream())
+        .await
+        .unwrap();
+    assert!(
+        stream.get_raw_message(late).await.is_err(),
+        "the erased caller's late event is gone from the stream"
+    );
+    assert!(stream.get_raw_message(last).await.is_ok());
     assert_eq!(
         count("SELECT count(*) FROM memories WHERE organization_id = $1 AND caller_id = '+16465550187'").await,
         2

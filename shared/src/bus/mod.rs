@@ -397,6 +397,33 @@ impl Bus {
         Ok(ack.sequence)
     }
 
+    /// Deletes one message of the event stream by sequence. Workers call it
+    /// for an event of an erased caller they drop: erasure sweeps the
+    /// streams once, and this removes what was published after the sweep
+    /// (an extraction in flight) instead of leaving it until retention.
+    /// A message that is already gone is not an error.
+    pub async fn delete_event(&self, sequence: u64) -> Result<(), BusError> {
+        let consumer_error = |reason: String| BusError::Consumer {
+            consumer: format!("{} delete", self.names.event_stream()),
+            reason,
+        };
+        let handle = self
+            .jetstream
+            .get_stream(self.names.event_stream())
+            .await
+            .map_err(|err| consumer_error(err.to_string()))?;
+        match handle.delete_message(sequence).await {
+            Ok(_) => Ok(()),
+            Err(err)
+                if matches!(err.kind(), stream::DeleteMessageErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(consumer_error(format!("sequence {sequence}: {err}"))),
+        }
+    }
+
     /// Deletes every message of `stream` for which `matches(headers,
     /// payload)` is true, and returns how many it deleted (0 when the stream
     /// does not exist). For erasure, not for the hot path: it reads the
