@@ -8,16 +8,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::Bytes;
 use elaaoms_shared::bus::{Bus, Envelope, Step};
-use elaaoms_shared::config::{parse_duration, DatabaseConfig, PayloadStoreConfig};
+use elaaoms_shared::config::parse_duration;
 use elaaoms_shared::domain::{Speaker, TranscriptTurn};
 use elaaoms_shared::events::ConversationTranscribed;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    machine_description, open_loop, BenchEnv, BenchEnvArgs, BENCH_SECRET, BENCH_SLUG, TABLE_HEADER,
+    machine_description, open_loop, post_webhook, start_ingest, webhook_bodies, BenchEnv,
+    BenchEnvArgs, TABLE_HEADER,
 };
 
 #[derive(clap::Args, Debug)]
@@ -32,66 +33,13 @@ pub struct IngestBenchArgs {
     duration: Duration,
 }
 
-const FIXTURES: [&str; 4] = [
-    "post_call_transcription_bakery_maya_2025-11-03.json",
-    "post_call_transcription_bakery_maya_2025-11-20.json",
-    "post_call_transcription_dental_priya_2025-11-12.json",
-    "post_call_transcription_telecom_tom_2025-11-18.json",
-];
-
-/// The fixtures, each request with a conversation id of its own.
-fn webhook_bodies(count: u64) -> Result<Vec<Bytes>> {
-    let fixtures = FIXTURES
-        .iter()
-        .map(|name| {
-            let path = format!("tests/fixtures/elevenlabs/{name}");
-            let text = std::fs::read(&path)
-                .with_context(|| format!("reading {path} (run from the repository root)"))?;
-            Ok(serde_json::from_slice::<serde_json::Value>(&text)?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok((0..count)
-        .map(|i| {
-            let mut body = fixtures[i as usize % fixtures.len()].clone();
-            body["data"]["conversation_id"] =
-                serde_json::Value::String(format!("conv_bench_{i:08}"));
-            Bytes::from(serde_json::to_vec(&body).expect("JSON serialises"))
-        })
-        .collect())
-}
-
 pub async fn run(args: IngestBenchArgs) -> Result<()> {
     let env = BenchEnv::prepare(&args.env).await?;
-    let payload_dir = std::path::PathBuf::from("data/bench/payloads");
-    let _ = std::fs::remove_dir_all(&payload_dir);
-    let service = elaaoms_ingest::IngestService::build(elaaoms_ingest::Config {
-        database: DatabaseConfig {
-            database_url: env.service_url.clone(),
-            database_max_connections: 16,
-        },
-        bus: env.bus_config.clone(),
-        payloads: PayloadStoreConfig {
-            payload_dir: payload_dir.clone(),
-            payload_store_url: None,
-        },
-        settings: elaaoms_ingest::IngestSettings {
-            addr: "127.0.0.1:0".parse().expect("valid address"),
-            signature_tolerance: Duration::from_secs(1800),
-            max_body_bytes: 64 << 20,
-            outbox_relay_interval: Duration::from_secs(5),
-            ..elaaoms_ingest::IngestSettings::default()
-        },
-    })
-    .await?;
-    let webhook_url = format!(
-        "http://{}/v1/webhooks/elevenlabs/{BENCH_SLUG}",
-        service.local_addr()
-    );
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(service.run(shutdown.clone()));
+    let (webhook_url, server) = start_ingest(&env, shutdown.clone()).await?;
 
     let count = (args.rate * args.duration.as_secs_f64()).round() as u64;
-    let bodies = Arc::new(webhook_bodies(count)?);
+    let bodies = Arc::new(webhook_bodies(count, false)?);
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
@@ -107,7 +55,7 @@ pub async fn run(args: IngestBenchArgs) -> Result<()> {
         machine_description()
     );
     println!("{TABLE_HEADER}");
-    let (webhooks, errors, seconds) = open_loop(args.rate, args.duration, |i| {
+    let (webhooks, errors, seconds) = open_loop(args.rate, args.duration, |i, _| {
         let (client, url, body) = (
             client.clone(),
             webhook_url.clone(),
@@ -126,7 +74,7 @@ pub async fn run(args: IngestBenchArgs) -> Result<()> {
     let event = Bytes::from(sample_event(env.organization_id).encode()?);
     let subject = bus.names.subject(Step::Transcribed);
     let organization_id = env.organization_id;
-    let (publish, errors, seconds) = open_loop(args.rate, args.duration, |i| {
+    let (publish, errors, seconds) = open_loop(args.rate, args.duration, |i, _| {
         let (bus, subject, event) = (bus.clone(), subject.clone(), event.clone());
         async move {
             bus.publish(&subject, &format!("baseline-a:{i}"), organization_id, event)
@@ -151,7 +99,7 @@ pub async fn run(args: IngestBenchArgs) -> Result<()> {
     .execute(&env.admin_pool)
     .await?;
     let admin_pool = env.admin_pool.clone();
-    let (durable, errors, seconds) = open_loop(args.rate, args.duration, |i| {
+    let (durable, errors, seconds) = open_loop(args.rate, args.duration, |i, _| {
         let (bus, subject, event, pool) = (
             bus.clone(),
             subject.clone(),
@@ -189,24 +137,8 @@ pub async fn run(args: IngestBenchArgs) -> Result<()> {
 
     shutdown.cancel();
     server.await??;
-    let _ = std::fs::remove_dir_all(&payload_dir);
+    env.remove_payloads();
     Ok(())
-}
-
-async fn post_webhook(client: &reqwest::Client, url: &str, body: Bytes) -> bool {
-    let signature =
-        elaaoms_ingest::signature::sign(BENCH_SECRET, chrono::Utc::now().timestamp(), &body);
-    match client
-        .post(url)
-        .header("content-type", "application/json")
-        .header("elevenlabs-signature", signature)
-        .body(body)
-        .send()
-        .await
-    {
-        Ok(response) => response.status().is_success(),
-        Err(_) => false,
-    }
 }
 
 /// An event the size of a real one (about 25 turns).

@@ -8,15 +8,16 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use elaaoms_shared::config::DatabaseConfig;
+use anyhow::Result;
 use elaaoms_shared::db;
-use elaaoms_shared::domain::{Speaker, TranscriptTurn};
 use elaaoms_shared::embedder::Embedder;
 use pgvector::Vector;
 use tokio_util::sync::CancellationToken;
 
-use super::{machine_description, BenchEnv, BenchEnvArgs, Latencies, LATENCY_TABLE_HEADER};
+use super::{
+    fixture_transcripts, machine_description, start_query, BenchEnv, BenchEnvArgs, Latencies,
+    LATENCY_TABLE_HEADER,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct SearchBenchArgs {
@@ -49,45 +50,16 @@ const NOISE_VECTORS: u64 = 64;
 
 /// Sentences as extracted memories are written, from the fixtures.
 fn base_sentences() -> Result<Vec<(String, &'static str)>> {
-    let mut sentences = Vec::new();
-    for entry in
-        std::fs::read_dir("tests/fixtures/elevenlabs").context("run from the repository root")?
-    {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
-        if !name.starts_with("post_call_transcription") {
-            continue;
-        }
-        let body: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
-        let turns: Vec<TranscriptTurn> = body["data"]["transcript"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|turn| {
-                Some(TranscriptTurn {
-                    speaker: if turn["role"] == "user" {
-                        Speaker::User
-                    } else {
-                        Speaker::Agent
-                    },
-                    message: turn["message"].as_str()?.to_owned(),
-                    time_in_call_secs: None,
-                })
-            })
-            .collect();
-        for memory in elaaoms_extractor::rules::extract_memories(&turns) {
-            sentences.push((
+    Ok(fixture_transcripts()?
+        .iter()
+        .flat_map(|turns| elaaoms_extractor::rules::extract_memories(turns))
+        .map(|memory| {
+            (
                 memory.content.as_str().to_owned(),
                 memory.memory_type.as_str(),
-            ));
-        }
-    }
-    Ok(sentences)
+            )
+        })
+        .collect())
 }
 
 async fn generate(env: &BenchEnv, embedder: &Embedder, memories: u64, callers: u64) -> Result<()> {
@@ -176,50 +148,12 @@ async fn generate(env: &BenchEnv, embedder: &Embedder, memories: u64, callers: u
 
 pub async fn run(args: SearchBenchArgs) -> Result<()> {
     let env = BenchEnv::prepare(&args.env).await?;
-    let embedder = Embedder::local(&env.embedding.embedding_model_dir)?;
+    let embedder = env.embedder()?;
     generate(&env, &embedder, args.memories, args.callers).await?;
-    let api_key = elaaoms_shared::api_keys::generate_api_key();
-    sqlx::query("INSERT INTO api_keys (organization_id, name, key_hash, key_prefix) VALUES ($1, 'bench', $2, 'bench')")
-        .bind(env.organization_id)
-        .bind(elaaoms_shared::api_keys::hash_api_key(&api_key))
-        .execute(&env.admin_pool)
-        .await?;
-
-    let service = elaaoms_query::QueryService::build(
-        elaaoms_query::Config {
-            database: DatabaseConfig {
-                database_url: env.service_url.clone(),
-                database_max_connections: 8,
-            },
-            // Search touches neither the bus nor the payload store (only
-            // erasure does); the query service still needs both configured.
-            bus: elaaoms_shared::config::BusConfig {
-                nats_url: std::env::var("NATS_URL")
-                    .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
-                bus_namespace: "bench".to_owned(),
-                stream_max_bytes: 1 << 20,
-                nats_stream_replicas: 1,
-            },
-            payloads: elaaoms_shared::config::PayloadStoreConfig {
-                payload_dir: std::env::temp_dir().join("elaaoms-bench-payloads-unused"),
-                payload_store_url: None,
-            },
-            embedding: env.embedding.clone(),
-            settings: elaaoms_query::QuerySettings {
-                addr: "127.0.0.1:0".parse().expect("valid address"),
-                init_deadline: std::time::Duration::from_millis(300),
-                caller_token_ttl: std::time::Duration::from_secs(3600),
-                // Each query text is new, so the cache never answers; keep
-                // it at the production size anyway.
-                embedding_cache_entries: 1000,
-            },
-        },
-        embedder.clone(),
-    )
-    .await?;
-    let search_url = format!("http://{}/v1/search", service.local_addr());
+    let api_key = env.create_api_key().await?;
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(service.run(shutdown.clone()));
+    let (base_url, server) = start_query(&env, embedder.clone(), shutdown.clone()).await?;
+    let search_url = format!("{base_url}/v1/search");
     let client = reqwest::Client::new();
 
     let caller_of = |i: u64| format!("caller_{:06}", (i * 7919) % args.callers);
@@ -261,7 +195,6 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
     // newest visible memories by the caller's btree, plus the token count.
     let context = Latencies::new();
     let context_heavy = Latencies::new();
-    let base_url = search_url.trim_end_matches("/v1/search").to_owned();
     for i in 0..args.requests + warm {
         for (caller, latencies) in [
             (caller_of(i), &context),
@@ -342,5 +275,6 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
 
     shutdown.cancel();
     server.await??;
+    env.remove_payloads();
     Ok(())
 }
