@@ -174,6 +174,12 @@ async fn search_with_its_baselines() {
         "10",
         "--requests",
         "5",
+        "--search-rate",
+        "10",
+        "--context-rate",
+        "20",
+        "--open-loop-duration",
+        "1s",
     ])
     .await;
     for name in [
@@ -184,4 +190,9 @@ async fn search_with_its_baselines() {
     ] {
         assert_eq!(row(&stdout, name)[1], "5", "{stdout}");
     }
+    // The open-loop series: every request scheduled, none failed.
+    let search = row(&stdout, "HTTP search incl. embedding, 10 per second");
+    assert_eq!((search[1], search[2]), ("10", "0"), "{stdout}");
+    let context = row(&stdout, "HTTP pre-call context, 20 per second");
+    assert_eq!((context[1], context[2]), ("20", "0"), "{stdout}");
 }

@@ -15,8 +15,8 @@ use pgvector::Vector;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    fixture_transcripts, machine_description, start_query, BenchEnv, BenchEnvArgs, Latencies,
-    LATENCY_TABLE_HEADER,
+    fixture_transcripts, machine_description, open_loop, start_query, BenchEnv, BenchEnvArgs,
+    Latencies, LATENCY_TABLE_HEADER, TABLE_HEADER,
 };
 
 #[derive(clap::Args, Debug)]
@@ -31,6 +31,16 @@ pub struct SearchBenchArgs {
     /// Requests measured per series.
     #[arg(long, default_value_t = 500)]
     requests: u64,
+    /// Open loop: searches per second (typical callers, new texts), as
+    /// agents mid-call would send them; 0 skips the series.
+    #[arg(long, default_value_t = 50.0)]
+    search_rate: f64,
+    /// Open loop: pre-call contexts per second; 0 skips the series.
+    #[arg(long, default_value_t = 200.0)]
+    context_rate: f64,
+    /// Length of each open-loop series.
+    #[arg(long, default_value = "20s", value_parser = elaaoms_shared::config::parse_duration)]
+    open_loop_duration: std::time::Duration,
 }
 
 const QUERIES: [&str; 8] = [
@@ -273,8 +283,71 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
         http.p50_ms - embedding.p50_ms - sql.p50_ms
     );
 
+    // Open loop at the rates: requests start on schedule whatever
+    // the answers do, so queueing shows in the latencies.
+    println!(
+        "\n### open loop, {:?} per series\n\n{TABLE_HEADER}",
+        args.open_loop_duration
+    );
+    if args.search_rate > 0.0 {
+        let (latencies, errors, seconds) =
+            open_loop(args.search_rate, args.open_loop_duration, |i, _| {
+                let (client, url, key) = (client.clone(), search_url.clone(), api_key.clone());
+                // Offset from the sequential series so no text repeats.
+                let i = i + 1_000_000;
+                let caller = caller_of(i);
+                let body = serde_json::json!({
+                    "query_text": format!("{} {caller}", query_of(i)),
+                    "caller_id": caller,
+                    "relevance_threshold": 0.3,
+                    "result_limit": 5,
+                });
+                async move { succeeded(client.post(url).bearer_auth(key).json(&body)).await }
+            })
+            .await;
+        println!(
+            "{}",
+            latencies.summary().row(
+                &format!(
+                    "HTTP search incl. embedding, {} per second",
+                    args.search_rate
+                ),
+                seconds,
+                errors
+            )
+        );
+    }
+    if args.context_rate > 0.0 {
+        let (latencies, errors, seconds) =
+            open_loop(args.context_rate, args.open_loop_duration, |i, _| {
+                let (client, key) = (client.clone(), api_key.clone());
+                let url = format!(
+                    "{base_url}/v1/callers/{}/context?agent_id=agent_bench",
+                    caller_of(i)
+                );
+                async move { succeeded(client.get(url).bearer_auth(key)).await }
+            })
+            .await;
+        println!(
+            "{}",
+            latencies.summary().row(
+                &format!("HTTP pre-call context, {} per second", args.context_rate),
+                seconds,
+                errors
+            )
+        );
+    }
+
     shutdown.cancel();
     server.await??;
     env.remove_payloads();
     Ok(())
+}
+
+/// Sends the request and reads the whole answer; whether it was a 2xx.
+async fn succeeded(request: reqwest::RequestBuilder) -> bool {
+    match request.send().await {
+        Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
+        Err(_) => false,
+    }
 }
