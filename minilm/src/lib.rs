@@ -17,7 +17,7 @@ mod kernel;
 
 use safetensors::SafeTensors;
 
-pub use kernel::linear;
+pub use kernel::{linear, to_f16_bits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -58,8 +58,9 @@ pub struct Tokens<'a> {
 }
 
 struct Linear {
-    /// `out × in`, row-major: row `o` holds the weights of output `o`.
-    weight: Vec<f32>,
+    /// `out × in`, row-major: row `o` holds the weights of output `o`, as
+    /// f16 bits (see the kernel for why).
+    weight: Vec<u16>,
     bias: Vec<f32>,
 }
 
@@ -114,7 +115,7 @@ impl Weights<'_> {
 
     fn linear(&self, prefix: &str, outputs: usize, inputs: usize) -> Result<Linear, ModelError> {
         Ok(Linear {
-            weight: self.get(&format!("{prefix}.weight"), &[outputs, inputs])?,
+            weight: to_f16_bits(&self.get(&format!("{prefix}.weight"), &[outputs, inputs])?),
             bias: self.get(&format!("{prefix}.bias"), &[outputs])?,
         })
     }

@@ -19,7 +19,10 @@ const MODEL_DIR: &str = concat!(
 );
 const REFERENCE: &str = include_str!("data/minilm_reference.json");
 
-const COMPONENT_TOLERANCE: f32 = 1e-4;
+/// The model's linear weights are rounded to f16 (elaaoms-minilm): the
+/// largest difference measured is 1.0e-4, against 1.8e-7 with f32 weights.
+/// What matters for search is the cosine, asserted below.
+const COMPONENT_TOLERANCE: f32 = 2e-4;
 const NORM_TOLERANCE: f32 = 1e-5;
 const SIMILARITY_TOLERANCE: f32 = 1e-3;
 
@@ -82,6 +85,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn assert_matches_reference(what: &str, got: &[Vec<f32>], reference: &Reference) {
     assert_eq!(got.len(), reference.embeddings.len(), "{what}: count");
     let mut worst_overall = 0.0f32;
+    let mut worst_cosine = 1.0f32;
     for ((vector, expected), sentence) in got
         .iter()
         .zip(&reference.embeddings)
@@ -108,9 +112,12 @@ fn assert_matches_reference(what: &str, got: &[Vec<f32>], reference: &Reference)
             cosine >= 0.9999,
             "{what}: {sentence:?} has cosine {cosine} to the reference"
         );
+        worst_cosine = worst_cosine.min(cosine);
         worst_overall = worst_overall.max(worst);
     }
-    eprintln!("{what}: largest difference from the reference {worst_overall:e}");
+    eprintln!(
+        "{what}: largest difference from the reference {worst_overall:e}, lowest cosine {worst_cosine}"
+    );
 }
 
 fn vector_for<'a>(reference: &Reference, vectors: &'a [Vec<f32>], sentence: &str) -> &'a [f32] {
