@@ -126,6 +126,9 @@ async fn generate(env: &BenchEnv, embedder: &Embedder, memories: u64, callers: u
     .bind(organization_id)
     .execute(admin)
     .await?;
+    // Memory g belongs to caller g % callers (callers interleave on disk, as
+    // calls do over time) and is base sentence (g / callers) % base, so each
+    // caller has every kind of memory, not one sentence a thousand times.
     let insert = "INSERT INTO memories (organization_id, caller_id, agent_id, conversation_id, content, type,
                                         importance, confidence, status, created_at, embedding, embedding_model)
          SELECT $1, c.caller_id, 'agent_bench', 'conv_' || c.caller_id, b.content, b.type,
@@ -133,8 +136,9 @@ async fn generate(env: &BenchEnv, embedder: &Embedder, memories: u64, callers: u
                 now() - make_interval(mins => g::int), l2_normalize(b.embedding + n.embedding), 'all-MiniLM-L6-v2'
            FROM generate_series(0, $2 - 1) g
            JOIN LATERAL (SELECT CASE WHEN $4 THEN $5 ELSE 'caller_' || lpad((g % $3)::text, 6, '0') END AS caller_id) c ON true
-           JOIN bench_base b ON b.id = g % (SELECT count(*) FROM bench_base)
-           JOIN bench_noise n ON n.id = (g / (SELECT count(*) FROM bench_base)) % $6";
+           JOIN LATERAL (SELECT CASE WHEN $4 THEN g ELSE g / $3 END AS k) i ON true
+           JOIN bench_base b ON b.id = i.k % (SELECT count(*) FROM bench_base)
+           JOIN bench_noise n ON n.id = (i.k / (SELECT count(*) FROM bench_base)) % $6";
     for (rows, heavy) in [(memories, false), (HEAVY_MEMORIES, true)] {
         sqlx::query(sqlx::AssertSqlSafe(insert))
             .bind(organization_id)
@@ -153,7 +157,36 @@ async fn generate(env: &BenchEnv, embedder: &Embedder, memories: u64, callers: u
         callers,
         started.elapsed().as_secs_f64()
     );
+    prewarm(admin).await;
     Ok(())
+}
+
+/// A serving database has its working set in memory; a freshly generated
+/// one does not (bulk inserts bypass the buffer cache). Loads the memories
+/// table and its indexes into shared_buffers with pg_prewarm where the
+/// extension is installed, and says how much fits.
+async fn prewarm(admin: &sqlx::PgPool) {
+    let loaded: Result<(i64, String), sqlx::Error> = async {
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_prewarm")
+            .execute(admin)
+            .await?;
+        sqlx::query_as(
+            "SELECT sum(pg_prewarm(c.oid))::bigint, current_setting('shared_buffers')
+               FROM pg_class c
+              WHERE c.oid = 'memories'::regclass
+                 OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'memories'::regclass)",
+        )
+        .fetch_one(admin)
+        .await
+    }
+    .await;
+    match loaded {
+        Ok((blocks, shared_buffers)) => println!(
+            "prewarmed {} MB of the memories table and its indexes (shared_buffers = {shared_buffers})",
+            blocks * 8 / 1024
+        ),
+        Err(err) => println!("not prewarmed (pg_prewarm unavailable: {err}): the first reads are cold"),
+    }
 }
 
 pub async fn run(args: SearchBenchArgs) -> Result<()> {
