@@ -197,9 +197,17 @@ pub async fn begin_org_tx(
     organization_id: Uuid,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
     // BEGIN and the scope in one round trip (the simple-query protocol runs
-    // both). The id is a `Uuid`, formatted by us: nothing to escape.
+    // them all). The id is a `Uuid`, formatted by us: nothing to escape.
+    //
+    // Generic plans: every tenant statement is anchored on an organization
+    // and (nearly always) a caller, so the plan does not depend on their
+    // values, while planning it anew for each execution cost more than
+    // running it (measured: 0.9 ms planning against 0.1 ms execution for
+    // the pre-call context at 1M memories). Search's generic plan is
+    // asserted in query/tests/search.rs.
     pool.begin_with(AssertSqlSafe(format!(
-        "BEGIN; SELECT set_config('app.organization_id', '{organization_id}', true)"
+        "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+         SELECT set_config('app.organization_id', '{organization_id}', true)"
     )))
     .await
 }

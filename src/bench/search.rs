@@ -157,6 +157,9 @@ async fn generate(env: &BenchEnv, embedder: &Embedder, memories: u64, callers: u
         callers,
         started.elapsed().as_secs_f64()
     );
+    // The generation's writes are flushed now, not by a checkpoint that
+    // would run in the middle of the measurements.
+    sqlx::query("CHECKPOINT").execute(admin).await?;
     prewarm(admin).await;
     Ok(())
 }
