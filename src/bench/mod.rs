@@ -503,8 +503,19 @@ pub fn machine_description() -> String {
                 .map(|(_, name)| name.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
+    // On a shared virtual machine, time stolen by neighbours shows as CPU
+    // pressure with nothing else running here: numbers vary with it.
+    let pressure = std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|line| line.starts_with("some"))
+                .and_then(|line| line.split_whitespace().find(|f| f.starts_with("avg60=")))
+                .map(|field| format!(", CPU pressure {}%", &field["avg60=".len()..]))
+        })
+        .unwrap_or_default();
     format!(
-        "{cores} cores ({cpu}), {memory} RAM, {}",
+        "{cores} cores ({cpu}), {memory} RAM, {}{pressure}",
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
     )
 }
