@@ -43,7 +43,9 @@ use crate::AppState;
 
 /// The most tokens `context_text` may hold.
 pub const CONTEXT_MAX_TOKENS: usize = 2000;
-/// Recent memories and open issues, each.
+/// Recent memories and open issues, each. A literal in the SQL, not a
+/// parameter: a generic plan that knows the limit is small reads a few rows
+/// in index order instead of sorting all of a caller's.
 const CONTEXT_MEMORIES: i64 = 10;
 
 /// Counts tokens with all-MiniLM-L6-v2's WordPiece tokenizer.
@@ -211,13 +213,13 @@ static CONTEXT_SQL: LazyLock<String> = LazyLock::new(|| {
             "issue",
             "m.type = 'issue' AND m.status = 'open'",
             "m.importance DESC, m.created_at DESC, m.id",
-            "$4",
+            &CONTEXT_MEMORIES.to_string(),
         ),
         part(
             "recent",
             "NOT (m.type = 'issue' AND m.status = 'open')",
             "m.created_at DESC, m.id",
-            "$4",
+            &CONTEXT_MEMORIES.to_string(),
         ),
         part(
             "name",
@@ -251,7 +253,6 @@ pub(crate) async fn load_context(
             .bind(organization_id)
             .bind(caller_id.as_str())
             .bind(agent)
-            .bind(CONTEXT_MEMORIES)
             .fetch_all(&mut **tx)
             .await?;
         let (mut open_issues, mut memories, mut named) = (Vec::new(), Vec::new(), Vec::new());
