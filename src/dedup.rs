@@ -8,7 +8,6 @@ use elaaoms_indexer::dedup::RulesThresholds;
 use elaaoms_indexer::recalculate::{callers_after, recalculate_caller, Merge};
 use elaaoms_shared::config::AdminDatabaseConfig;
 use elaaoms_shared::db;
-use uuid::Uuid;
 
 /// Merges printed per organization; the counts cover all of them.
 const SHOWN_MERGES: usize = 20;
@@ -40,24 +39,7 @@ pub async fn dedup(args: DedupArgs) -> Result<()> {
         ..RulesThresholds::default()
     };
     let admin = db::connect_admin_pool(&args.admin.database_admin_url).await?;
-    let organizations: Vec<(Uuid, String)> = match &args.org {
-        Some(org) => {
-            sqlx::query_as("SELECT id, slug FROM organizations WHERE slug = $1 OR id::text = $1")
-                .bind(org)
-                .fetch_all(&admin)
-                .await?
-        }
-        None => {
-            sqlx::query_as("SELECT id, slug FROM organizations ORDER BY slug")
-                .fetch_all(&admin)
-                .await?
-        }
-    };
-    anyhow::ensure!(
-        args.org.is_none() || !organizations.is_empty(),
-        "no organization `{}`",
-        args.org.as_deref().unwrap_or_default()
-    );
+    let organizations = crate::operator::organizations(&admin, args.org.as_deref()).await?;
     let verb = if args.dry_run {
         "would merge"
     } else {

@@ -214,6 +214,28 @@ async fn organization_id(admin: &PgPool, slug: &str) -> Result<Uuid> {
         .with_context(|| format!("no organization {slug}"))
 }
 
+/// The organizations an operator command works on: the one named (slug or
+/// id), or all of them in slug order; an unknown name is an error.
+pub async fn organizations(admin: &PgPool, org: Option<&str>) -> Result<Vec<(Uuid, String)>> {
+    let organizations: Vec<(Uuid, String)> = match org {
+        Some(org) => {
+            sqlx::query_as("SELECT id, slug FROM organizations WHERE slug = $1 OR id::text = $1")
+                .bind(org)
+                .fetch_all(admin)
+                .await?
+        }
+        None => {
+            sqlx::query_as("SELECT id, slug FROM organizations ORDER BY slug")
+                .fetch_all(admin)
+                .await?
+        }
+    };
+    if let Some(org) = org {
+        anyhow::ensure!(!organizations.is_empty(), "no organization `{org}`");
+    }
+    Ok(organizations)
+}
+
 async fn create_api_key(admin: &PgPool, organization_id: Uuid, name: &str) -> Result<String> {
     let key = generate_api_key();
     sqlx::query("INSERT INTO api_keys (organization_id, name, key_hash, key_prefix) VALUES ($1, $2, $3, $4)")

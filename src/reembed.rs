@@ -47,24 +47,7 @@ pub async fn reembed(args: ReembedArgs) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     let admin = db::connect_admin_pool(&args.admin.database_admin_url).await?;
     let embedder = crate::load_embedder(&args.embedding, &args.embedding_provider)?;
-    let organizations: Vec<(Uuid, String)> = match &args.org {
-        Some(org) => {
-            sqlx::query_as("SELECT id, slug FROM organizations WHERE slug = $1 OR id::text = $1")
-                .bind(org)
-                .fetch_all(&admin)
-                .await?
-        }
-        None => {
-            sqlx::query_as("SELECT id, slug FROM organizations ORDER BY slug")
-                .fetch_all(&admin)
-                .await?
-        }
-    };
-    anyhow::ensure!(
-        args.org.is_none() || !organizations.is_empty(),
-        "no organization `{}`",
-        args.org.as_deref().unwrap_or_default()
-    );
+    let organizations = crate::operator::organizations(&admin, args.org.as_deref()).await?;
     println!("re-embedding with {}", embedder.model_name());
     for (organization_id, slug) in organizations {
         let counts = run(
