@@ -2,33 +2,22 @@
 //! service role) with embeddings from the real model: reinforce, conflict,
 //! insert, sharing, redelivery, replay, concurrency, tombstones.
 
-use std::sync::OnceLock;
+mod common;
 
 use elaaoms_indexer::apply::apply_extraction;
 use elaaoms_indexer::{Applied, DedupSettings, Outcome, Verdicts};
 use elaaoms_shared::bus::Envelope;
 use elaaoms_shared::db;
 use elaaoms_shared::domain::{Confidence, ExtractedMemory, Importance, MemoryContent, MemoryType};
-use elaaoms_shared::embedder::Embedder;
 use elaaoms_shared::events::MemoriesExtracted;
 use elaaoms_shared::test_support::TestDatabase;
 use uuid::Uuid;
 
-const SECRET: &str = "whsec_test_0123456789abcdef0123456789abcdef";
+use common::embedder;
+
 const BAKERY: &str = "agent_bakery";
 const DENTAL: &str = "agent_dental";
 const MAYA: &str = "+14155550123";
-
-fn embedder() -> &'static Embedder {
-    static EMBEDDER: OnceLock<Embedder> = OnceLock::new();
-    EMBEDDER.get_or_init(|| {
-        Embedder::local(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../data/models/all-MiniLM-L6-v2"
-        )))
-        .expect("model files: run deploy/local/setup.sh")
-    })
-}
 
 struct World {
     db: TestDatabase,
@@ -38,60 +27,18 @@ struct World {
 impl World {
     async fn create() -> Self {
         let db = TestDatabase::create().await;
-        let org = db
-            .create_organization(&format!("org-{:08x}", rand_suffix()), SECRET)
-            .await;
-        for agent in [BAKERY, DENTAL] {
-            sqlx::query("INSERT INTO agents (organization_id, agent_id) VALUES ($1, $2)")
-                .bind(org)
-                .bind(agent)
-                .execute(&db.admin_pool)
-                .await
-                .unwrap();
-        }
-        sqlx::query(
-            "INSERT INTO callers (organization_id, caller_id, first_seen_at, last_seen_at) VALUES ($1, $2, now(), now())",
-        )
-        .bind(org)
-        .bind(MAYA)
-        .execute(&db.admin_pool)
-        .await
-        .unwrap();
+        let org = common::organization_with_caller(&db, &[BAKERY, DENTAL], MAYA).await;
         Self { db, org }
     }
 
     /// A conversation waiting for its extraction to be applied.
     async fn conversation(&self, conversation_id: &str, agent: &str) {
-        sqlx::query(
-            "INSERT INTO conversations (organization_id, conversation_id, agent_id, caller_id, start_time, status)
-             VALUES ($1, $2, $3, $4, now(), 'completed')",
-        )
-        .bind(self.org)
-        .bind(conversation_id)
-        .bind(agent)
-        .bind(MAYA)
-        .execute(&self.db.admin_pool)
-        .await
-        .unwrap();
-        sqlx::query("UPDATE conversations SET status = 'extraction_pending' WHERE organization_id = $1 AND conversation_id = $2")
-            .bind(self.org)
-            .bind(conversation_id)
-            .execute(&self.db.admin_pool)
-            .await
-            .unwrap();
+        common::pending_conversation(&self.db, self.org, conversation_id, agent, MAYA).await;
     }
 
     /// What a replay does to the conversation: back to pending, generation + 1.
     async fn replay(&self, conversation_id: &str) {
-        sqlx::query(
-            "UPDATE conversations SET status = 'extraction_pending', generation = generation + 1
-              WHERE organization_id = $1 AND conversation_id = $2",
-        )
-        .bind(self.org)
-        .bind(conversation_id)
-        .execute(&self.db.admin_pool)
-        .await
-        .unwrap();
+        common::replayed(&self.db, self.org, conversation_id).await;
     }
 
     fn event(
@@ -168,10 +115,6 @@ async fn apply_event(pool: &sqlx::PgPool, event: &Envelope<MemoriesExtracted>) -
     )
     .await
     .expect("applied")
-}
-
-fn rand_suffix() -> u32 {
-    Uuid::new_v4().as_u128() as u32
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

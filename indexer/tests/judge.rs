@@ -2,7 +2,8 @@
 //! the provider faked by wiremock: one call per extraction with all its
 //! pairs, its verdicts applied, and the rules taking over when it fails.
 
-use std::sync::OnceLock;
+mod common;
+
 use std::time::Duration;
 
 use elaaoms_extractor::LlmSettings;
@@ -10,33 +11,22 @@ use elaaoms_indexer::{apply::apply_extraction, DedupSettings, Verdicts};
 use elaaoms_shared::bus::{event_msg_id, Envelope, Step};
 use elaaoms_shared::config::{DatabaseConfig, WorkerConfig};
 use elaaoms_shared::domain::{Confidence, ExtractedMemory, Importance, MemoryContent, MemoryType};
-use elaaoms_shared::embedder::Embedder;
 use elaaoms_shared::events::MemoriesExtracted;
 use elaaoms_shared::test_support::{TestBus, TestDatabase};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+use common::embedder;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const SECRET: &str = "whsec_test_0123456789abcdef0123456789abcdef";
 const AGENT: &str = "agent_bakery";
 const MAYA: &str = "+14155550123";
 const EXISTING: &str = "Likes lemon sponge cake";
 /// Another phrasing the rules cannot merge (below their 0.85 bar).
 const REPHRASED: &str = "Is very fond of lemon cake";
 const UNRELATED: &str = "Prefers to pay by card";
-
-fn embedder() -> &'static Embedder {
-    static EMBEDDER: OnceLock<Embedder> = OnceLock::new();
-    EMBEDDER.get_or_init(|| {
-        Embedder::local(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../data/models/all-MiniLM-L6-v2"
-        )))
-        .expect("model files: run deploy/local/setup.sh")
-    })
-}
 
 fn memory(content: &str) -> ExtractedMemory {
     ExtractedMemory {
@@ -60,29 +50,13 @@ impl World {
     async fn create(llm_url: &str) -> Self {
         let db = TestDatabase::create().await;
         let bus = TestBus::create().await;
-        let org = db
-            .create_organization(&format!("org-{}", Uuid::new_v4().simple()), SECRET)
-            .await;
+        let org = common::organization_with_caller(&db, &[AGENT], MAYA).await;
         sqlx::query(
             "UPDATE organizations SET llm_provider = 'openai-compatible', llm_base_url = $2, llm_model = 'judge-1'
               WHERE id = $1",
         )
         .bind(org)
         .bind(llm_url)
-        .execute(&db.admin_pool)
-        .await
-        .unwrap();
-        sqlx::query("INSERT INTO agents (organization_id, agent_id) VALUES ($1, $2)")
-            .bind(org)
-            .bind(AGENT)
-            .execute(&db.admin_pool)
-            .await
-            .unwrap();
-        sqlx::query(
-            "INSERT INTO callers (organization_id, caller_id, first_seen_at, last_seen_at) VALUES ($1, $2, now(), now())",
-        )
-        .bind(org)
-        .bind(MAYA)
         .execute(&db.admin_pool)
         .await
         .unwrap();
@@ -104,23 +78,7 @@ impl World {
     }
 
     async fn conversation(&self, conversation_id: &str) {
-        sqlx::query(
-            "INSERT INTO conversations (organization_id, conversation_id, agent_id, caller_id, start_time, status)
-             VALUES ($1, $2, $3, $4, now(), 'completed')",
-        )
-        .bind(self.org)
-        .bind(conversation_id)
-        .bind(AGENT)
-        .bind(MAYA)
-        .execute(&self.db.admin_pool)
-        .await
-        .unwrap();
-        sqlx::query("UPDATE conversations SET status = 'extraction_pending' WHERE organization_id = $1 AND conversation_id = $2")
-            .bind(self.org)
-            .bind(conversation_id)
-            .execute(&self.db.admin_pool)
-            .await
-            .unwrap();
+        common::pending_conversation(&self.db, self.org, conversation_id, AGENT, MAYA).await;
     }
 
     fn event(&self, conversation_id: &str, contents: &[&str]) -> Envelope<MemoriesExtracted> {

@@ -4,7 +4,7 @@
 //! run finds nothing; a replay afterwards still takes back exactly what its
 //! conversation brought.
 
-use std::sync::OnceLock;
+mod common;
 
 use elaaoms_indexer::apply::apply_extraction;
 use elaaoms_indexer::dedup::RulesThresholds;
@@ -12,48 +12,19 @@ use elaaoms_indexer::recalculate::{callers_after, recalculate_caller};
 use elaaoms_indexer::{Applied, DedupSettings, Verdicts};
 use elaaoms_shared::bus::Envelope;
 use elaaoms_shared::domain::{Confidence, ExtractedMemory, Importance, MemoryContent, MemoryType};
-use elaaoms_shared::embedder::Embedder;
 use elaaoms_shared::events::MemoriesExtracted;
 use elaaoms_shared::test_support::TestDatabase;
 use uuid::Uuid;
 
-const SECRET: &str = "whsec_test_0123456789abcdef0123456789abcdef";
+use common::embedder;
+
 const BAKERY: &str = "agent_bakery";
 const DENTAL: &str = "agent_dental";
 const MAYA: &str = "+14155550123";
 
-fn embedder() -> &'static Embedder {
-    static EMBEDDER: OnceLock<Embedder> = OnceLock::new();
-    EMBEDDER.get_or_init(|| {
-        Embedder::local(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../data/models/all-MiniLM-L6-v2"
-        )))
-        .expect("model files: run deploy/local/setup.sh")
-    })
-}
-
 async fn setup() -> (TestDatabase, Uuid) {
     let db = TestDatabase::create().await;
-    let org = db
-        .create_organization(&format!("org-{}", Uuid::new_v4().simple()), SECRET)
-        .await;
-    for agent in [BAKERY, DENTAL] {
-        sqlx::query("INSERT INTO agents (organization_id, agent_id) VALUES ($1, $2)")
-            .bind(org)
-            .bind(agent)
-            .execute(&db.admin_pool)
-            .await
-            .unwrap();
-    }
-    sqlx::query(
-        "INSERT INTO callers (organization_id, caller_id, first_seen_at, last_seen_at) VALUES ($1, $2, now(), now())",
-    )
-    .bind(org)
-    .bind(MAYA)
-    .execute(&db.admin_pool)
-    .await
-    .unwrap();
+    let org = common::organization_with_caller(&db, &[BAKERY, DENTAL], MAYA).await;
     (db, org)
 }
 
@@ -68,33 +39,9 @@ async fn apply(
     memories: &[(&str, i64)],
 ) {
     if generation == 1 {
-        sqlx::query(
-            "INSERT INTO conversations (organization_id, conversation_id, agent_id, caller_id, start_time, status)
-             VALUES ($1, $2, $3, $4, now(), 'completed')",
-        )
-        .bind(org)
-        .bind(conversation_id)
-        .bind(agent)
-        .bind(MAYA)
-        .execute(&db.admin_pool)
-        .await
-        .unwrap();
-        sqlx::query("UPDATE conversations SET status = 'extraction_pending' WHERE organization_id = $1 AND conversation_id = $2")
-            .bind(org)
-            .bind(conversation_id)
-            .execute(&db.admin_pool)
-            .await
-            .unwrap();
+        common::pending_conversation(db, org, conversation_id, agent, MAYA).await;
     } else {
-        sqlx::query(
-            "UPDATE conversations SET status = 'extraction_pending', generation = generation + 1
-              WHERE organization_id = $1 AND conversation_id = $2",
-        )
-        .bind(org)
-        .bind(conversation_id)
-        .execute(&db.admin_pool)
-        .await
-        .unwrap();
+        common::replayed(db, org, conversation_id).await;
     }
     let event = Envelope::new(
         org,
