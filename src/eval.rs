@@ -6,11 +6,11 @@
 //! ANTHROPIC_API_KEY, ...), built exactly as the workers build it.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use elaaoms_extractor::eval::{self, EvalExtractor, DEFAULT_MATCH_THRESHOLD};
-use elaaoms_extractor::{LlmSettings, OrganizationLlm, Providers};
+use elaaoms_extractor::provider::{Provider, RetryPolicy};
+use elaaoms_extractor::{provider_http_client, LlmSettings, OrganizationLlm, Providers};
 use elaaoms_indexer::dedup::{judge, RulesThresholds};
 use elaaoms_indexer::quality;
 use elaaoms_shared::config::EmbeddingConfig;
@@ -45,24 +45,33 @@ pub struct EvalArgs {
     llm: LlmSettings,
 }
 
+/// The provider named on the command line (`None`: rules), built exactly
+/// as the workers build an organization's, and how its calls are retried.
+fn provider_for(
+    llm: LlmSettings,
+    provider: &str,
+    model: Option<String>,
+    base_url: Option<String>,
+) -> Result<(Option<Box<dyn Provider>>, RetryPolicy)> {
+    let http = provider_http_client().context("building the HTTP client")?;
+    let providers = Providers::new(http, llm);
+    let provider = providers
+        .for_organization(&OrganizationLlm {
+            provider: provider.to_owned(),
+            model,
+            base_url,
+        })
+        .map_err(|err| anyhow::anyhow!(err))?;
+    Ok((provider, providers.retry_policy()))
+}
+
 pub async fn eval(args: EvalArgs) -> Result<()> {
     let cases = eval::load_cases(&args.data_dir)?;
     let embedder = Embedder::local(&args.embedding.embedding_model_dir)
         .context("loading the local embedder (run deploy/local/setup.sh)")?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .context("building the HTTP client")?;
-    let retry_policy = args.llm.retry_policy();
-    let providers = Providers::new(http, args.llm);
-    let extractor = match providers
-        .for_organization(&OrganizationLlm {
-            provider: args.provider.clone(),
-            model: args.model,
-            base_url: args.base_url,
-        })
-        .map_err(|err| anyhow::anyhow!(err))?
-    {
+    let (provider, retry_policy) =
+        provider_for(args.llm, &args.provider, args.model, args.base_url)?;
+    let extractor = match provider {
         None => EvalExtractor::Rules,
         Some(provider) => EvalExtractor::Llm {
             provider,
@@ -132,19 +141,8 @@ pub async fn eval_dedup(args: EvalDedupArgs) -> Result<()> {
     let embedder = Embedder::local(&args.embedding.embedding_model_dir)
         .context("loading the local embedder (run deploy/local/setup.sh)")?;
     let similarities = quality::similarities(&embedder, &pairs).await?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .context("building the HTTP client")?;
-    let retry_policy = args.llm.retry_policy();
-    let providers = Providers::new(http, args.llm);
-    let provider = providers
-        .for_organization(&OrganizationLlm {
-            provider: args.provider.clone(),
-            model: args.model,
-            base_url: args.base_url,
-        })
-        .map_err(|err| anyhow::anyhow!(err))?;
+    let (provider, retry_policy) =
+        provider_for(args.llm, &args.provider, args.model, args.base_url)?;
     // The indexer's defaults: the rules decide, or decide what the judge left.
     let rules = RulesThresholds::default();
     println!(

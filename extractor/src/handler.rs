@@ -118,9 +118,23 @@ pub struct Providers {
     settings: LlmSettings,
 }
 
+/// The HTTP client for LLM providers and ElevenLabs: rustls with the ring
+/// provider, a connect deadline (each request sets its own overall one).
+pub fn provider_http_client() -> reqwest::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+}
+
 impl Providers {
     pub fn new(http: reqwest::Client, settings: LlmSettings) -> Self {
         Self { http, settings }
+    }
+
+    /// How a call to any of these providers is retried.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.settings.retry_policy()
     }
 
     /// `None`: the offline rules extractor.
@@ -227,11 +241,7 @@ impl ExtractHandler {
         settings: &ExtractorSettings,
         registry: &Registry,
     ) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .expect("an HTTP client with the ring provider");
+        let http = provider_http_client().expect("an HTTP client with the ring provider");
         Self {
             pool,
             bus,

@@ -37,7 +37,7 @@ use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
 use handler::ExtractHandler;
-pub use handler::{OrganizationLlm, Providers};
+pub use handler::{provider_http_client, OrganizationLlm, Providers};
 pub use settings::{AgentProfileSettings, ExtractorSettings, LlmSettings};
 
 pub const SERVICE_NAME: &str = "extractor";

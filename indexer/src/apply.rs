@@ -15,7 +15,7 @@ use pgvector::Vector;
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::dedup::{Decision, RulesThresholds};
+use crate::dedup::{cosine, Decision, RulesThresholds};
 use crate::judge::{PairToJudge, Verdicts};
 
 /// How deduplication decides (DESIGN.md section 6).
@@ -274,7 +274,7 @@ pub async fn pairs_to_judge(
             });
         }
         for (earlier, earlier_embedding) in memories[..index].iter().zip(embeddings) {
-            let similarity = f64::from(dot(embedding, earlier_embedding));
+            let similarity = cosine(embedding, earlier_embedding);
             if earlier.memory_type == memory.memory_type
                 && similarity >= settings.candidate_similarity
             {
@@ -289,11 +289,6 @@ pub async fn pairs_to_judge(
     }
     tx.commit().await?;
     Ok((llm, pairs))
-}
-
-/// Cosine similarity of two unit vectors.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// A replay (generation g) takes back what generations before g of the same

@@ -32,6 +32,15 @@ impl Decision {
     }
 }
 
+/// Cosine similarity of two unit vectors (the embedder's are normalised),
+/// summed in f64.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
+}
+
 /// The bars of `rules` mode.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RulesThresholds {

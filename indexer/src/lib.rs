@@ -14,8 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use elaaoms_extractor::provider::RetryPolicy;
-use elaaoms_extractor::{LlmSettings, Providers};
+use elaaoms_extractor::{provider_http_client, LlmSettings, Providers};
 use elaaoms_shared::bus::consumer::{ConsumerSettings, Delivery, Handler, HandlerError};
 use elaaoms_shared::bus::{event_msg_id, Bus, BusError, Envelope, Step};
 use elaaoms_shared::config::{BusConfig, DatabaseConfig, WorkerConfig};
@@ -127,17 +126,12 @@ impl IndexerService {
         let bus = Bus::connect(&config.bus).await?;
         bus.ensure_streams().await?;
         let registry = Registry::new();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .expect("an HTTP client with the ring provider");
+        let http = provider_http_client().expect("an HTTP client with the ring provider");
         let handler = Arc::new(IndexHandler {
             pool: pool.clone(),
             bus: bus.clone(),
             embedder,
             dedup: config.settings.dedup(),
-            judge_retry_policy: config.llm.retry_policy(),
             providers: Providers::new(http, config.llm),
             metrics: Metrics::register(&registry),
         });
@@ -174,7 +168,6 @@ struct IndexHandler {
     embedder: Embedder,
     dedup: DedupSettings,
     providers: Providers,
-    judge_retry_policy: RetryPolicy,
     metrics: Metrics,
 }
 
@@ -204,7 +197,7 @@ impl IndexHandler {
                 return Ok(Verdicts::default());
             }
         };
-        match judge::judge_pairs(provider.as_ref(), &self.judge_retry_policy, &pairs).await {
+        match judge::judge_pairs(provider.as_ref(), &self.providers.retry_policy(), &pairs).await {
             Ok(judged) => {
                 self.metrics
                     .judge_calls

@@ -15,7 +15,7 @@ use elaaoms_shared::domain::MemoryType;
 use elaaoms_shared::embedder::{Embedder, EmbedderError};
 use serde::{Deserialize, Deserializer};
 
-use crate::dedup::{Decision, RulesThresholds};
+use crate::dedup::{cosine, Decision, RulesThresholds};
 use crate::judge::{judge_pairs, PairToJudge, Verdicts};
 
 /// Stage 1's bar, the indexer's default (`DedupSettings::default()`).
@@ -86,13 +86,7 @@ pub async fn similarities(
     // The embedder's vectors are normalised: the dot product is the cosine.
     Ok(vectors
         .chunks(2)
-        .map(|two| {
-            two[0]
-                .iter()
-                .zip(&two[1])
-                .map(|(x, y)| f64::from(*x) * f64::from(*y))
-                .sum()
-        })
+        .map(|two| cosine(&two[0], &two[1]))
         .collect())
 }
 

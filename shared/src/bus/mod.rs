@@ -412,16 +412,10 @@ impl Bus {
             .get_stream(self.names.event_stream())
             .await
             .map_err(|err| consumer_error(err.to_string()))?;
-        match handle.delete_message(sequence).await {
-            Ok(_) => Ok(()),
-            Err(err)
-                if matches!(err.kind(), stream::DeleteMessageErrorKind::JetStream(js)
-                    if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
-            {
-                Ok(())
-            }
-            Err(err) => Err(consumer_error(format!("sequence {sequence}: {err}"))),
-        }
+        delete_sequence(&handle, sequence)
+            .await
+            .map(|_| ())
+            .map_err(|err| consumer_error(format!("sequence {sequence}: {err}")))
     }
 
     /// Deletes every message of `stream` for which `matches(headers,
@@ -512,19 +506,10 @@ impl Bus {
 
         let mut deleted = 0;
         for sequence in doomed {
-            // `false` or an error for "no such message": it went meanwhile.
-            match handle.delete_message(sequence).await {
-                Ok(true) => deleted += 1,
-                Ok(false) => {}
-                Err(err)
-                    if matches!(err.kind(), stream::DeleteMessageErrorKind::JetStream(js)
-                        if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) => {}
-                Err(err) => {
-                    return Err(consumer_error(format!(
-                        "deleting sequence {sequence}: {err}"
-                    )))
-                }
-            }
+            let gone = delete_sequence(&handle, sequence)
+                .await
+                .map_err(|err| consumer_error(format!("deleting sequence {sequence}: {err}")))?;
+            deleted += u64::from(gone);
         }
         Ok(deleted)
     }
@@ -532,6 +517,24 @@ impl Bus {
     /// Whether the connection to NATS is up, for readiness probes.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// Deletes one message by sequence: `true` when this call deleted it,
+/// `false` when it was already gone (deleted or aged out meanwhile).
+async fn delete_sequence(
+    handle: &stream::Stream,
+    sequence: u64,
+) -> Result<bool, stream::DeleteMessageError> {
+    match handle.delete_message(sequence).await {
+        Ok(deleted) => Ok(deleted),
+        Err(err)
+            if matches!(err.kind(), stream::DeleteMessageErrorKind::JetStream(js)
+                if js.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
+        {
+            Ok(false)
+        }
+        Err(err) => Err(err),
     }
 }
 
