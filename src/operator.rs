@@ -281,7 +281,9 @@ pub async fn apikey(args: ApiKeyArgs) -> Result<()> {
             if revoked == 0 {
                 bail!("no active key {id}");
             }
-            println!("revoked {id}");
+            // The query service trusts a key it has checked for
+            // API_KEY_CACHE_TTL, so say when revocation is complete.
+            println!("revoked {id}: refused by every query service within API_KEY_CACHE_TTL (default 10s)");
         }
     }
     Ok(())

@@ -120,6 +120,7 @@ impl RunningSystem {
                     init_deadline: Duration::from_millis(300),
                     caller_token_ttl: Duration::from_secs(3600),
                     embedding_cache_entries: 1000,
+                    api_key_cache_ttl: Duration::from_secs(10),
                 },
             },
             embedder,

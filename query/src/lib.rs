@@ -131,6 +131,18 @@ pub struct QuerySettings {
         default_value_t = 1000
     )]
     pub embedding_cache_entries: usize,
+
+    /// how long an API key that authenticated is trusted without asking the
+    /// database again: a revoked key is refused at most this long after
+    /// revocation (0s asks every time)
+    #[arg(
+        id = "query_api_key_cache_ttl",
+        long = "api-key-cache-ttl",
+        env = "API_KEY_CACHE_TTL",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub api_key_cache_ttl: Duration,
 }
 
 /// What every handler shares: cheap to clone.
@@ -138,6 +150,7 @@ pub struct QuerySettings {
 pub(crate) struct AppState {
     pub pool: PgPool,
     pub embeddings: embedding_cache::EmbeddingCache,
+    pub api_keys: auth::ApiKeyCache,
     pub metrics: metrics::Metrics,
     pub bus: Bus,
     pub payloads: elaaoms_shared::payload_store::PayloadStore,
@@ -194,6 +207,7 @@ impl QueryService {
                 embedder,
                 config.settings.embedding_cache_entries,
             ),
+            api_keys: auth::ApiKeyCache::new(config.settings.api_key_cache_ttl),
             metrics: metrics::Metrics::register(&registry),
             bus,
             payloads: elaaoms_shared::payload_store::PayloadStore::from_config(&config.payloads)

@@ -33,20 +33,30 @@ use crate::AppState;
 /// applies (text, NULL for all the caller's memories), `$5` memory types
 /// (text[], NULL for all), `$6` minimum importance (smallint, NULL for
 /// any), `$7` relevance threshold (float8), `$8` result limit (bigint).
+///
+/// `ranked` reads only columns of the `memories_caller_search` index, so
+/// ranking all of a caller's rows is an index-only scan of adjacent index
+/// pages rather than one heap page per memory; only the few rows that make
+/// the limit are then read from the table (by primary key).
 pub fn search_sql() -> &'static str {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "SELECT {MEMORY_COLUMNS}, -(m.embedding <#> $3) AS score
-               FROM memories m
-               JOIN organizations o ON o.id = m.organization_id
-              WHERE m.organization_id = $1
-                AND m.caller_id = $2
-                AND ($4::text IS NULL OR {visible})
-                AND ($5::text[] IS NULL OR m.type = ANY($5))
-                AND ($6::smallint IS NULL OR m.importance >= $6)
-                AND -(m.embedding <#> $3) >= $7::float8
-              ORDER BY (m.embedding <#> $3) + 0, m.created_at DESC, m.id
-              LIMIT $8",
+            "WITH ranked AS (
+                SELECT m.id, -(m.embedding <#> $3) AS score, m.created_at
+                  FROM memories m
+                  JOIN organizations o ON o.id = m.organization_id
+                 WHERE m.organization_id = $1
+                   AND m.caller_id = $2
+                   AND ($4::text IS NULL OR {visible})
+                   AND ($5::text[] IS NULL OR m.type = ANY($5))
+                   AND ($6::smallint IS NULL OR m.importance >= $6)
+                   AND -(m.embedding <#> $3) >= $7::float8
+                 ORDER BY (m.embedding <#> $3) + 0, m.created_at DESC, m.id
+                 LIMIT $8)
+             SELECT {MEMORY_COLUMNS}, r.score
+               FROM ranked r
+               JOIN memories m ON m.organization_id = $1 AND m.id = r.id
+              ORDER BY r.score DESC, r.created_at DESC, r.id",
             visible = visible_to_agent_sql("$4"),
         )
     });

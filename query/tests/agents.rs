@@ -84,6 +84,7 @@ impl Harness {
                 init_deadline,
                 caller_token_ttl: Duration::from_secs(3600),
                 embedding_cache_entries: 100,
+                api_key_cache_ttl: Duration::from_secs(10),
             },
         };
         let service = QueryService::build(config, embedder.clone())

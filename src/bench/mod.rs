@@ -272,6 +272,7 @@ pub async fn start_query(
                 // Each query text is new, so the cache never answers; keep
                 // it at the production size anyway.
                 embedding_cache_entries: 1000,
+                api_key_cache_ttl: Duration::from_secs(10),
             },
         },
         embedder,
