@@ -32,7 +32,8 @@ use elaaoms_shared::domain::{AgentId, CallerId};
 use elaaoms_shared::http::ApiError;
 use elaaoms_shared::sharing::visible_to_agent_sql;
 use serde::Serialize;
-use sqlx::{Postgres, Transaction};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, Postgres, Row, Transaction};
 use tokenizers::Tokenizer;
 use uuid::Uuid;
 
@@ -181,18 +182,35 @@ pub(crate) struct CallerContext {
     pub tokenizer: &'static str,
 }
 
-/// One row of the context query: a memory and the section it is for.
-#[derive(sqlx::FromRow)]
-struct SectionRow {
-    section: String,
-    #[sqlx(flatten)]
-    memory: MemoryView,
+/// One row of the context statement: the caller's summary, and a memory
+/// with the section it is for (none for a known caller without any).
+struct ContextRow {
+    summary: CallerSummary,
+    section: Option<String>,
+    memory: Option<MemoryView>,
 }
 
-/// The open issues, the recent memories and the name-like facts of one
-/// caller, visible to the agent, in one statement (one round trip instead
-/// of three). Each part is ordered and limited on its own; `load_context`
-/// orders them again, since UNION ALL does not promise to keep an order.
+impl<'r> FromRow<'r, PgRow> for ContextRow {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        let section: Option<String> = row.try_get("section")?;
+        let memory = match section {
+            Some(_) => Some(MemoryView::from_row(row)?),
+            None => None,
+        };
+        Ok(Self {
+            summary: CallerSummary::from_row(row)?,
+            section,
+            memory,
+        })
+    }
+}
+
+/// The caller's summary with its open issues, recent memories and name-like
+/// facts visible to the agent, in one statement (one round trip instead of
+/// four): no row for an unknown caller, one row without a section for a
+/// caller without memories. Each part is ordered and limited on its own;
+/// `load_context` orders them again, since UNION ALL does not promise to
+/// keep an order.
 static CONTEXT_SQL: LazyLock<String> = LazyLock::new(|| {
     let part = |section: &str, filter: &str, order: &str, limit: &str| {
         format!(
@@ -208,7 +226,7 @@ static CONTEXT_SQL: LazyLock<String> = LazyLock::new(|| {
             visible = visible_to_agent_sql("$3"),
         )
     };
-    [
+    let sections = [
         part(
             "issue",
             "m.type = 'issue' AND m.status = 'open'",
@@ -228,7 +246,13 @@ static CONTEXT_SQL: LazyLock<String> = LazyLock::new(|| {
             "20",
         ),
     ]
-    .join(" UNION ALL ")
+    .join(" UNION ALL ");
+    format!(
+        "SELECT c.first_seen_at, c.last_seen_at, c.total_conversations, s.*
+           FROM callers c
+           LEFT JOIN LATERAL ({sections}) s ON true
+          WHERE c.organization_id = $1 AND c.caller_id = $2"
+    )
 });
 
 /// Reads the caller's context inside an organization transaction.
@@ -240,42 +264,33 @@ pub(crate) async fn load_context(
     agent_id: Option<&AgentId>,
 ) -> Result<CallerContext, sqlx::Error> {
     let agent = agent_id.map(AgentId::as_str);
-    let summary: Option<CallerSummary> = sqlx::query_as(
-        "SELECT first_seen_at, last_seen_at, total_conversations
-           FROM callers WHERE organization_id = $1 AND caller_id = $2",
-    )
-    .bind(organization_id)
-    .bind(caller_id.as_str())
-    .fetch_optional(&mut **tx)
-    .await?;
-    let (open_issues, memories, caller_name) = if summary.is_some() {
-        let rows: Vec<SectionRow> = sqlx::query_as(CONTEXT_SQL.as_str())
-            .bind(organization_id)
-            .bind(caller_id.as_str())
-            .bind(agent)
-            .fetch_all(&mut **tx)
-            .await?;
-        let (mut open_issues, mut memories, mut named) = (Vec::new(), Vec::new(), Vec::new());
-        for row in rows {
-            match row.section.as_str() {
-                "issue" => open_issues.push(row.memory),
-                "recent" => memories.push(row.memory),
-                _ => named.push(row.memory),
-            }
-        }
-        let newest_first = |a: &MemoryView, b: &MemoryView| {
-            b.created_at
-                .cmp(&a.created_at)
-                .then(a.memory_id.cmp(&b.memory_id))
+    let rows: Vec<ContextRow> = sqlx::query_as(CONTEXT_SQL.as_str())
+        .bind(organization_id)
+        .bind(caller_id.as_str())
+        .bind(agent)
+        .fetch_all(&mut **tx)
+        .await?;
+    let summary = rows.first().map(|row| row.summary.clone());
+    let (mut open_issues, mut memories, mut named) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        let (Some(section), Some(memory)) = (row.section, row.memory) else {
+            continue;
         };
-        open_issues.sort_by(|a, b| b.importance.cmp(&a.importance).then(newest_first(a, b)));
-        memories.sort_by(newest_first);
-        named.sort_by(newest_first);
-        let name = named.iter().find_map(|memory| name_from(&memory.content));
-        (open_issues, memories, name)
-    } else {
-        (Vec::new(), Vec::new(), None)
+        match section.as_str() {
+            "issue" => open_issues.push(memory),
+            "recent" => memories.push(memory),
+            _ => named.push(memory),
+        }
+    }
+    let newest_first = |a: &MemoryView, b: &MemoryView| {
+        b.created_at
+            .cmp(&a.created_at)
+            .then(a.memory_id.cmp(&b.memory_id))
     };
+    open_issues.sort_by(|a, b| b.importance.cmp(&a.importance).then(newest_first(a, b)));
+    memories.sort_by(newest_first);
+    named.sort_by(newest_first);
+    let caller_name = named.iter().find_map(|memory| name_from(&memory.content));
     let (context_text, context_tokens) = render(
         summary.as_ref(),
         caller_name.as_deref(),
