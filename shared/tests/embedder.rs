@@ -19,12 +19,20 @@ const MODEL_DIR: &str = concat!(
 );
 const REFERENCE: &str = include_str!("data/minilm_reference.json");
 
-/// The model's linear weights are rounded to f16 (elaaoms-minilm): the
-/// largest difference measured is 1.0e-4, against 1.8e-7 with f32 weights.
-/// What matters for search is the cosine, asserted below.
-const COMPONENT_TOLERANCE: f32 = 2e-4;
+/// The model's linear weights are int8 with a scale per row
+/// (elaaoms-minilm): the largest difference measured is 7.0e-3 (1.0e-4 with
+/// f16 weights, 1.8e-7 with f32). What matters for search is the cosine.
+const COMPONENT_TOLERANCE: f32 = 8e-3;
+/// The bar any faster forward pass must keep (the issue's): the lowest
+/// cosine measured with int8 weights is 0.99948 (0.9999+ with f16).
+const MIN_COSINE: f32 = 0.999;
 const NORM_TOLERANCE: f32 = 1e-5;
-const SIMILARITY_TOLERANCE: f32 = 1e-3;
+/// With int8 weights the four published similarities are off by 0.55e-3 to
+/// 1.70e-3 (with f16 weights, below 1e-3): rounding the weights to 8 bits
+/// adds about 1e-3 of noise to a similarity, whatever the grouping of the
+/// scales (measured with groups of 8 to 128). Thresholds and rankings work
+/// at the scale of 0.05.
+const SIMILARITY_TOLERANCE: f32 = 2e-3;
 
 /// Published sentence-transformers cosine similarities (shared/INFRA-NOTES.md).
 const PUBLISHED: &[(&str, &str, f32)] = &[
@@ -106,10 +114,9 @@ fn assert_matches_reference(what: &str, got: &[Vec<f32>], reference: &Reference)
             (n - 1.0).abs() <= NORM_TOLERANCE,
             "{what}: {sentence:?} has norm {n}"
         );
-        // The bar any faster forward pass must keep (issue: cosine >= 0.999).
         let cosine = dot(vector, expected);
         assert!(
-            cosine >= 0.9999,
+            cosine >= MIN_COSINE,
             "{what}: {sentence:?} has cosine {cosine} to the reference"
         );
         worst_cosine = worst_cosine.min(cosine);
