@@ -19,7 +19,6 @@
 //! An unknown caller is not an error: 200 with `caller_is_returning: false`,
 //! no memories and an empty text, which is exactly what a first call needs.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::LazyLock;
 
@@ -60,7 +59,10 @@ const CONTEXT_MEMORIES: i64 = 10;
 /// `tokenizers` crate. A test checks both agree.
 pub struct ContextTokenizer {
     tokenizer: Tokenizer,
-    vocab: HashSet<String>,
+    /// The vocabulary, looked up once or more per word. std's SipHash was
+    /// most of the counting time; its resistance to hash flooding is not
+    /// needed for a set built once from `tokenizer.json` and only read.
+    vocab: foldhash::HashSet<String>,
 }
 
 /// BERT's WordPiece: a longer word is one unknown token.
@@ -471,9 +473,7 @@ pub(crate) async fn context(
     )
     .await
     .map_err(|err| database_error("reading a caller's context", err))?;
-    tx.commit()
-        .await
-        .map_err(|err| database_error("closing a context transaction", err))?;
+    elaaoms_shared::db::end_read_only(tx);
     Ok(Json(context))
 }
 

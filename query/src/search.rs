@@ -165,21 +165,24 @@ pub(crate) async fn search(
     SearchBody(request): SearchBody,
 ) -> Result<Json<SearchResponse>, ApiError> {
     let started = Instant::now();
-    let (embedding, _cached) = state
-        .embeddings
-        .embed(request.query_text.as_str())
-        .await
-        .map_err(|err| ApiError::internal("embedding a search query", &err))?;
-    state.metrics.observe_stage("embed", started.elapsed());
+    // The transaction opens (a round trip to Postgres) while the query is
+    // embedded (milliseconds of CPU on the blocking pool), not after.
+    let embedded = async {
+        let embedding = state.embeddings.embed(request.query_text.as_str()).await;
+        state.metrics.observe_stage("embed", started.elapsed());
+        embedding
+    };
+    let opened = elaaoms_shared::db::begin_org_tx(&state.pool, organization.id);
+    let (embedded, opened) = tokio::join!(embedded, opened);
+    let (embedding, _cached) =
+        embedded.map_err(|err| ApiError::internal("embedding a search query", &err))?;
+    let mut tx = opened.map_err(|err| database_error("opening a search transaction", err))?;
 
     let queried = Instant::now();
     let types: Option<Vec<&str>> = request
         .types
         .as_ref()
         .map(|types| types.iter().map(|t| t.as_str()).collect());
-    let mut tx = elaaoms_shared::db::begin_org_tx(&state.pool, organization.id)
-        .await
-        .map_err(|err| database_error("opening a search transaction", err))?;
     let mut results: Vec<SearchResult> = sqlx::query_as(search_sql())
         .bind(organization.id)
         .bind(request.caller_id.as_str())
@@ -192,9 +195,7 @@ pub(crate) async fn search(
         .fetch_all(&mut *tx)
         .await
         .map_err(|err| database_error("searching memories", err))?;
-    tx.commit()
-        .await
-        .map_err(|err| database_error("closing a search transaction", err))?;
+    elaaoms_shared::db::end_read_only(tx);
     state.metrics.observe_stage("database", queried.elapsed());
 
     // Rounding can put a unit vector's similarity with itself a hair above 1.

@@ -212,6 +212,15 @@ pub async fn begin_org_tx(
     .await
 }
 
+/// Ends a transaction that only read: it is dropped, not committed. sqlx
+/// then queues a ROLLBACK that goes out with the ping it sends anyway when
+/// the connection returns to the pool, in the background, so the request
+/// does not wait a round trip for a COMMIT that would change nothing. The
+/// organization scope is transaction-local and ends with it either way.
+pub fn end_read_only(tx: Transaction<'static, Postgres>) {
+    drop(tx);
+}
+
 /// `SELECT 1`, for readiness probes.
 pub async fn ping(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
