@@ -361,8 +361,23 @@ fn spans(texts: &[Tokens<'_>]) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Eight running sums, so the compiler can keep them in one vector register
+/// (a single running sum must be added in order, one lane at a time).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut sums = [0.0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for ((sum, x), y) in sums.iter_mut().zip(x).zip(y) {
+            *sum += x * y;
+        }
+    }
+    sums.iter().sum::<f32>() + tail
 }
 
 fn softmax(values: &mut [f32]) {
@@ -410,17 +425,21 @@ fn erf(x: f32) -> f32 {
 fn exp_of_negative(x: f32) -> f32 {
     const LN2_HIGH: f32 = 0.693_145_75;
     const LN2_LOW: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer
-    // without a call to `roundf` (SSE2 has no rounding instruction).
+    // Adding 1.5 * 2^23 rounds x log2(e) to the nearest integer n (SSE2 has
+    // no rounding instruction) and leaves n in the low bits of the sum, so
+    // 2^n is built from bits without a float-to-int conversion, which Rust's
+    // saturating `as` would do one value at a time.
     const ROUND: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HIGH - n * LN2_LOW;
     let e_r = 1.0
         + r * (1.0
             + r * (1.0 / 2.0
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // n is in [-24, 0]: 2^n is a normal f32.
-    let two_to_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n is in [-24, 0]: its exponent field (n + 127) << 23 is that of a
+    // normal f32; the shift drops the rest of the sum's bits.
+    let two_to_n = f32::from_bits((shifted.to_bits() << 23).wrapping_add(127 << 23));
     e_r * two_to_n
 }
 
