@@ -232,19 +232,19 @@ static CONTEXT_SQL: LazyLock<String> = LazyLock::new(|| {
         part(
             "issue",
             "m.type = 'issue' AND m.status = 'open'",
-            "m.importance DESC, m.created_at DESC, m.id",
+            "m.importance DESC, m.created_at DESC, m.id DESC",
             &CONTEXT_MEMORIES.to_string(),
         ),
         part(
             "recent",
             "NOT (m.type = 'issue' AND m.status = 'open')",
-            "m.created_at DESC, m.id",
+            "m.created_at DESC, m.id DESC",
             &CONTEXT_MEMORIES.to_string(),
         ),
         part(
             "name",
             "m.type = 'factual' AND (m.content ILIKE 'caller%' OR m.content ILIKE 'the caller%')",
-            "m.created_at DESC, m.id",
+            "m.created_at DESC, m.id DESC",
             "20",
         ),
     ]
@@ -256,6 +256,12 @@ static CONTEXT_SQL: LazyLock<String> = LazyLock::new(|| {
           WHERE c.organization_id = $1 AND c.caller_id = $2"
     )
 });
+
+/// The context statement. Parameters: `$1` organization id (uuid), `$2`
+/// caller id (text), `$3` agent whose view applies (text, NULL for all).
+pub fn context_sql() -> &'static str {
+    &CONTEXT_SQL
+}
 
 /// Reads the caller's context inside an organization transaction.
 pub(crate) async fn load_context(
@@ -287,7 +293,7 @@ pub(crate) async fn load_context(
     let newest_first = |a: &MemoryView, b: &MemoryView| {
         b.created_at
             .cmp(&a.created_at)
-            .then(a.memory_id.cmp(&b.memory_id))
+            .then(b.memory_id.cmp(&a.memory_id))
     };
     open_issues.sort_by(|a, b| b.importance.cmp(&a.importance).then(newest_first(a, b)));
     memories.sort_by(newest_first);

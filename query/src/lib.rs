@@ -56,6 +56,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use agent_auth::{generate_agent_secret, hash_agent_secret, AGENT_SECRET_HEADER};
+pub use context::context_sql;
 pub use context::{ContextTokenizer, CONTEXT_MAX_TOKENS};
 pub use elevenlabs::DOCUMENTED_VARIABLES;
 pub use error::QueryError;

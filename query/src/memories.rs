@@ -44,7 +44,7 @@ pub const MAX_LIST_LIMIT: i64 = 500;
 /// (smallint, NULL for any), `$6` and `$7` the cursor's `created_at`
 /// (timestamptz) and id (uuid), both NULL for the first page, `$8` limit
 /// (bigint). The row comparison follows the `ORDER BY`, and
-/// `memories_caller_recent` serves both.
+/// `memories_caller_newest` serves both.
 pub fn list_sql() -> &'static str {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(

@@ -1274,6 +1274,72 @@ async fn search_never_uses_a_vector_index() {
     h.stop().await;
 }
 
+/// Every part of the pre-call context reads its caller's rows in index
+/// order and stops at its limit: with sorting disabled no Sort node may be
+/// left in the generic plan. (When an index ended before the statement's
+/// tie-breaker, a small row estimate made the plan sort all of a caller's
+/// open issues or name-like facts: 7 ms for a caller with thousands.)
+#[tokio::test]
+async fn the_context_reads_each_section_in_index_order() {
+    let h = Harness::start().await;
+    let org = h.organization("clinic").await;
+    for (content, kind) in [
+        (ALLERGY, "factual"),
+        (REFUND, "issue"),
+        ("Caller's name is Maya Okafor.", "factual"),
+    ] {
+        h.memory(&org, memory("agent_dental", content, kind, 6))
+            .await;
+    }
+    sqlx::query("VACUUM ANALYZE memories")
+        .execute(&h.db.admin_pool)
+        .await
+        .unwrap();
+    for agent in ["NULL", "'agent_dental'"] {
+        let mut tx = begin_org_tx(&h.db.pool, org.id).await.unwrap();
+        for setting in [
+            "enable_seqscan",
+            "enable_sort",
+            "enable_incremental_sort",
+            "enable_bitmapscan",
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL {setting} = off")))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE context_plan AS {}",
+            elaaoms_query::context_sql()
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN EXECUTE context_plan('{}', '{CALLER}', {agent})",
+            org.id
+        )))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        tx.rollback().await.unwrap();
+        let plan = lines.join("\n");
+        assert!(!plan.contains("Sort"), "a section is sorted:\n{plan}");
+        for index in [
+            "memories_open_issues_ranked",
+            "memories_caller_newest",
+            "memories_caller_name_facts_newest",
+        ] {
+            assert!(plan.contains(index), "{index} unused:\n{plan}");
+        }
+    }
+    h.stop().await;
+}
+
 #[derive(Debug, Clone, Copy)]
 enum PlanKind {
     /// Planned with the parameter values, as the first executions are.

@@ -354,6 +354,26 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
                 errors
             )
         );
+        // The same rate of embeddings alone: how much of the open-loop
+        // search is the embedding on an otherwise idle machine.
+        let (latencies, errors, seconds) =
+            open_loop(args.search_rate, args.open_loop_duration, |i, _| {
+                let embedder = embedder.clone();
+                let text = query_of(i + 2_000_000);
+                async move { embedder.embed_one(&text).await.is_ok() }
+            })
+            .await;
+        println!(
+            "{}",
+            latencies.summary().row(
+                &format!(
+                    "baseline: query embedding alone, {} per second",
+                    args.search_rate
+                ),
+                seconds,
+                errors
+            )
+        );
     }
     if args.context_rate > 0.0 {
         let (latencies, errors, seconds) =
