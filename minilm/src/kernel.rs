@@ -61,39 +61,14 @@ pub fn linear(input: &[f32], weight: &Int8Rows, bias: &[f32], output: &mut [f32]
     let tokens = input.len() / k;
     assert_eq!(output.len(), tokens * outputs, "output shape");
 
-    // A query's dozen tokens keep one core busy for ~0.2 ms per layer at
-    // ~70 GFLOP/s: the pass is bound by arithmetic, not memory, so a second
-    // core halves it when it is free. The tokens are split (at a multiple of
-    // the 3-row block): both halves read the same weights at about the same
-    // time, the second mostly from the shared L3. On rayon's pool the idle
-    // half is stolen; when both cores are busy it runs after the first.
-    if tokens >= PARALLEL_MIN_TOKENS {
-        let first = (tokens / 2).div_ceil(3) * 3;
-        let (input_a, input_b) = input.split_at(first * k);
-        let (output_a, output_b) = output.split_at_mut(first * outputs);
-        rayon::join(
-            || rows(input_a, weight, bias, output_a, k),
-            || rows(input_b, weight, bias, output_b, k),
-        );
-    } else {
-        rows(input, weight, bias, output, k);
-    }
-}
-
-/// Fewer token rows than this are not worth a second thread.
-const PARALLEL_MIN_TOKENS: usize = 6;
-
-/// [`linear`] on one thread.
-fn rows(input: &[f32], weight: &Int8Rows, bias: &[f32], output: &mut [f32], k: usize) {
     #[cfg(target_arch = "x86_64")]
     if k.is_multiple_of(8)
-        && bias.len().is_multiple_of(4)
+        && outputs.is_multiple_of(4)
         && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
     {
         // SAFETY: the CPU has AVX2 and FMA (checked just above), and the
-        // shapes were checked: k is a multiple of 8 and the outputs (one
-        // bias each) of 4 here, the slice lengths by `linear`.
+        // shapes were checked: k is a multiple of 8, outputs of 4.
         unsafe { avx2::linear(input, weight, bias, output, k) };
         return;
     }

@@ -228,16 +228,7 @@ impl MiniLm {
     /// averaged over the text's tokens, L2-normalised. Panics on a token id
     /// or type id outside the vocabulary, or a text longer than the model's
     /// positions (the tokenizer truncates before).
-    ///
-    /// Runs on rayon's global pool (one thread per core; the calling thread
-    /// waits), where each layer splits its tokens between two threads.
     pub fn embed(&self, texts: &[Tokens<'_>]) -> Vec<Vec<f32>> {
-        // From outside the pool every split would be handed to it and
-        // waited for; from inside, the other half is simply left to steal.
-        rayon::scope(|_| self.forward(texts))
-    }
-
-    fn forward(&self, texts: &[Tokens<'_>]) -> Vec<Vec<f32>> {
         let hidden = self.config.hidden_size;
         let spans = spans(texts);
         let total: usize = texts.iter().map(|text| text.ids.len()).sum();
