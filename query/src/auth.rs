@@ -89,8 +89,6 @@ impl FromRequestParts<AppState> for Organization {
     }
 }
 
-/// The key of an `Authorization: Bearer <key>` header (scheme matched
-/// case-insensitively), or `None` when it is absent or malformed.
 /// API keys that authenticated recently, by their hash.
 #[derive(Clone)]
 pub(crate) struct ApiKeyCache {
@@ -135,6 +133,8 @@ impl ApiKeyCache {
     }
 }
 
+/// The key of an `Authorization: Bearer <key>` header (scheme matched
+/// case-insensitively), or `None` when it is absent or malformed.
 fn bearer_token(parts: &Parts) -> Option<&str> {
     let header = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = header.trim().split_once(' ')?;
