@@ -1343,16 +1343,20 @@ async fn publish_extraction(
         .unwrap()
 }
 
-/// Waits (bounded) until the indexer has settled every extraction up to
-/// `sequence`: acknowledged, nothing pending or being redelivered.
-async fn indexer_settled(h: &Harness, sequence: u64) {
-    let stream = h
-        .bus
+/// The test bus's event stream.
+async fn event_stream(h: &Harness) -> async_nats::jetstream::stream::Stream {
+    h.bus
         .bus
         .jetstream
         .get_stream(h.bus.bus.names.event_stream())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Waits (bounded) until the indexer has settled every extraction up to
+/// `sequence`: acknowledged, nothing pending or being redelivered.
+async fn indexer_settled(h: &Harness, sequence: u64) {
+    let stream = event_stream(h).await;
     let consumer = h.bus.bus.names.consumer(elaaoms_indexer::SERVICE_NAME);
     for _ in 0..300 {
         if let Ok(info) = stream.consumer_info(&consumer).await {
@@ -1477,13 +1481,7 @@ async fn erasure_wins_over_an_extraction_in_flight() {
     indexer_settled(&h, last).await;
     // The indexer deleted the late event it dropped: nothing of Maya is
     // left in the stream until retention. The other caller's stays.
-    let stream = h
-        .bus
-        .bus
-        .jetstream
-        .get_stream(h.bus.bus.names.event_stream())
-        .await
-        .unwrap();
+    let stream = event_stream(&h).await;
     assert!(
         stream.get_raw_message(late).await.is_err(),
         "the erased caller's late event is gone from the stream"

@@ -1297,35 +1297,22 @@ async fn the_context_reads_each_section_in_index_order() {
         .unwrap();
     for agent in ["NULL", "'agent_dental'"] {
         let mut tx = begin_org_tx(&h.db.pool, org.id).await.unwrap();
-        for setting in [
-            "enable_seqscan",
-            "enable_sort",
-            "enable_incremental_sort",
-            "enable_bitmapscan",
-        ] {
-            sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL {setting} = off")))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-        }
-        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE context_plan AS {}",
-            elaaoms_query::context_sql()
-        )))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-        let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "EXPLAIN EXECUTE context_plan('{}', '{CALLER}', {agent})",
-            org.id
-        )))
-        .fetch_all(&mut *tx)
-        .await
-        .unwrap();
+        turn_off(
+            &mut tx,
+            &[
+                "enable_seqscan",
+                "enable_sort",
+                "enable_incremental_sort",
+                "enable_bitmapscan",
+            ],
+        )
+        .await;
+        let lines = generic_plan(
+            &mut tx,
+            elaaoms_query::context_sql(),
+            &format!("'{}', '{CALLER}', {agent}", org.id),
+        )
+        .await;
         tx.rollback().await.unwrap();
         let plan = lines.join("\n");
         assert!(!plan.contains("Sort"), "a section is sorted:\n{plan}");
@@ -1360,12 +1347,11 @@ async fn explain(
     kind: PlanKind,
 ) -> String {
     let mut tx = begin_org_tx(&h.db.pool, org).await.unwrap();
-    for setting in ["enable_seqscan", "enable_sort", "enable_bitmapscan"] {
-        sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL {setting} = off")))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-    }
+    turn_off(
+        &mut tx,
+        &["enable_seqscan", "enable_sort", "enable_bitmapscan"],
+    )
+    .await;
     let lines: Vec<String> = match kind {
         PlanKind::Custom => sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
             .bind(org)
@@ -1380,27 +1366,12 @@ async fn explain(
             .await
             .unwrap(),
         PlanKind::Generic => {
-            sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE search_plan AS {sql}")))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
             let agent = agent.map_or("NULL".to_owned(), |agent| format!("'{agent}'"));
-            let lines = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "EXPLAIN EXECUTE search_plan('{org}', '{CALLER}', '{}', {agent}, NULL, NULL, 0.7, 5)",
+            let arguments = format!(
+                "'{org}', '{CALLER}', '{}', {agent}, NULL, NULL, 0.7, 5",
                 vector_literal(query)
-            )))
-            .fetch_all(&mut *tx)
-            .await
-            .unwrap();
-            sqlx::raw_sql("DEALLOCATE search_plan")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            lines
+            );
+            generic_plan(&mut tx, sql, &arguments).await
         }
     };
     tx.rollback().await.unwrap();
@@ -1414,6 +1385,44 @@ async fn explain(
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// `SET LOCAL <setting> = off` for each planner setting.
+async fn turn_off(tx: &mut sqlx::Transaction<'static, sqlx::Postgres>, settings: &[&str]) {
+    for setting in settings {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET LOCAL {setting} = off")))
+            .execute(&mut **tx)
+            .await
+            .unwrap();
+    }
+}
+
+/// The generic plan of `sql` (what a cached prepared statement may switch
+/// to), executed with `arguments` written as SQL literals.
+async fn generic_plan(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    sql: &str,
+    arguments: &str,
+) -> Vec<String> {
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(&mut **tx)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE planned AS {sql}")))
+        .execute(&mut **tx)
+        .await
+        .unwrap();
+    let lines = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN EXECUTE planned({arguments})"
+    )))
+    .fetch_all(&mut **tx)
+    .await
+    .unwrap();
+    sqlx::raw_sql("DEALLOCATE planned")
+        .execute(&mut **tx)
+        .await
+        .unwrap();
+    lines
 }
 
 fn vector_literal(vector: &pgvector::Vector) -> String {

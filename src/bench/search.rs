@@ -328,70 +328,64 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
         args.open_loop_duration
     );
     if args.search_rate > 0.0 {
-        let (latencies, errors, seconds) =
-            open_loop(args.search_rate, args.open_loop_duration, |i, _| {
-                let (client, url, key) = (client.clone(), search_url.clone(), api_key.clone());
-                // Offset from the sequential series so no text repeats.
-                let i = i + 1_000_000;
-                let caller = caller_of(i);
-                let body = serde_json::json!({
-                    "query_text": format!("{} {caller}", query_of(i)),
-                    "caller_id": caller,
-                    "relevance_threshold": 0.3,
-                    "result_limit": 5,
-                });
-                async move { succeeded(client.post(url).bearer_auth(key).json(&body)).await }
-            })
-            .await;
+        let series = open_loop(args.search_rate, args.open_loop_duration, |i, _| {
+            let (client, url, key) = (client.clone(), search_url.clone(), api_key.clone());
+            // Offset from the sequential series so no text repeats.
+            let i = i + 1_000_000;
+            let caller = caller_of(i);
+            let body = serde_json::json!({
+                "query_text": format!("{} {caller}", query_of(i)),
+                "caller_id": caller,
+                "relevance_threshold": 0.3,
+                "result_limit": 5,
+            });
+            async move { succeeded(client.post(url).bearer_auth(key).json(&body)).await }
+        })
+        .await;
         println!(
             "{}",
-            latencies.summary().row(
+            open_loop_row(
                 &format!(
                     "HTTP search incl. embedding, {} per second",
                     args.search_rate
                 ),
-                seconds,
-                errors
+                series
             )
         );
         // The same rate of embeddings alone: how much of the open-loop
         // search is the embedding on an otherwise idle machine.
-        let (latencies, errors, seconds) =
-            open_loop(args.search_rate, args.open_loop_duration, |i, _| {
-                let embedder = embedder.clone();
-                let text = query_of(i + 2_000_000);
-                async move { embedder.embed_one(&text).await.is_ok() }
-            })
-            .await;
+        let series = open_loop(args.search_rate, args.open_loop_duration, |i, _| {
+            let embedder = embedder.clone();
+            let text = query_of(i + 2_000_000);
+            async move { embedder.embed_one(&text).await.is_ok() }
+        })
+        .await;
         println!(
             "{}",
-            latencies.summary().row(
+            open_loop_row(
                 &format!(
                     "baseline: query embedding alone, {} per second",
                     args.search_rate
                 ),
-                seconds,
-                errors
+                series
             )
         );
     }
     if args.context_rate > 0.0 {
-        let (latencies, errors, seconds) =
-            open_loop(args.context_rate, args.open_loop_duration, |i, _| {
-                let (client, key) = (client.clone(), api_key.clone());
-                let url = format!(
-                    "{base_url}/v1/callers/{}/context?agent_id=agent_bench",
-                    caller_of(i)
-                );
-                async move { succeeded(client.get(url).bearer_auth(key)).await }
-            })
-            .await;
+        let series = open_loop(args.context_rate, args.open_loop_duration, |i, _| {
+            let (client, key) = (client.clone(), api_key.clone());
+            let url = format!(
+                "{base_url}/v1/callers/{}/context?agent_id=agent_bench",
+                caller_of(i)
+            );
+            async move { succeeded(client.get(url).bearer_auth(key)).await }
+        })
+        .await;
         println!(
             "{}",
-            latencies.summary().row(
+            open_loop_row(
                 &format!("HTTP pre-call context, {} per second", args.context_rate),
-                seconds,
-                errors
+                series
             )
         );
     }
@@ -400,6 +394,11 @@ pub async fn run(args: SearchBenchArgs) -> Result<()> {
     server.await??;
     env.remove_payloads();
     Ok(())
+}
+
+/// A table row of one open-loop series, as [`open_loop`] returned it.
+fn open_loop_row(name: &str, (latencies, errors, seconds): (Latencies, u64, f64)) -> String {
+    latencies.summary().row(name, seconds, errors)
 }
 
 /// Sends the request and reads the whole answer; whether it was a 2xx.
