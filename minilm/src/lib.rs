@@ -1,13 +1,14 @@
 //! all-MiniLM-L6-v2's forward pass: a 6-layer BERT encoder, mean pooling
-//! and L2 normalisation, in plain Rust on `f32`.
+//! and L2 normalisation, in plain Rust: bfloat16 weights for the linear
+//! layers (see the kernel), `f32` everywhere else.
 //!
 //! Why not a general tensor library: the texts this service embeds are
 //! short (a 10-word query is 12 tokens), and for matrices that thin a
 //! general matrix multiplication spends more time packing the weights than
-//! multiplying them (BENCHMARKS.md has the profile). Here a linear layer
-//! multiplies the tokens with the weights as they are stored (one row per
-//! output, contiguous), so nothing is packed or copied, and every weight is
-//! read once per layer whatever the number of tokens. The tokens of all
+//! multiplying them (BENCHMARKS.md has the profile). Here the weights are
+//! laid out once, at load, in the order the kernel reads them, so nothing
+//! is packed or copied per call, and every weight is read once per layer
+//! whatever the number of tokens. The tokens of all
 //! texts of a batch go through each linear layer together, without padding;
 //! only attention looks at one text at a time.
 //!
@@ -17,7 +18,7 @@ mod kernel;
 
 use safetensors::SafeTensors;
 
-pub use kernel::{linear, Int8Rows};
+pub use kernel::{linear, Bf16Rows};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -58,9 +59,9 @@ pub struct Tokens<'a> {
 }
 
 struct Linear {
-    /// `out × in`: row `o` holds the weights of output `o`, as int8 with a
-    /// scale per row (see the kernel for why).
-    weight: Int8Rows,
+    /// `out × in`: row `o` holds the weights of output `o`, in bfloat16
+    /// (see the kernel for why).
+    weight: Bf16Rows,
     bias: Vec<f32>,
 }
 
@@ -131,7 +132,7 @@ impl Weights<'_> {
             bias.extend(self.get(&format!("{prefix}.bias"), &[outputs])?);
         }
         Ok(Linear {
-            weight: Int8Rows::quantize(&weight, inputs),
+            weight: Bf16Rows::from_f32(&weight, inputs),
             bias,
         })
     }
@@ -160,6 +161,18 @@ impl MiniLm {
                 "hidden_size {hidden} is not a multiple of num_attention_heads {}",
                 config.num_attention_heads
             )));
+        }
+        // The kernel's layout (weights in blocks of 4 rows and 32 inputs).
+        for (name, size) in [
+            ("hidden_size", hidden),
+            ("intermediate_size", config.intermediate_size),
+        ] {
+            if size == 0 || !size.is_multiple_of(kernel::STEP) {
+                return Err(ModelError::Config(format!(
+                    "{name} {size} is not a multiple of {}",
+                    kernel::STEP
+                )));
+            }
         }
         let tensors = SafeTensors::deserialize(safetensors)?;
         let prefix = if tensors.names().iter().any(|name| name.starts_with("bert.")) {
@@ -552,6 +565,26 @@ mod tests {
         assert!((mean - 0.5).abs() < 1e-6, "{states:?}");
         let variance: f32 = states.iter().map(|x| (x - 0.5).powi(2)).sum::<f32>() / 4.0;
         assert!((variance - 1.0).abs() < 1e-5, "{states:?}");
+    }
+
+    #[test]
+    fn a_shape_the_kernel_cannot_lay_out_is_a_config_error() {
+        let config = BertConfig {
+            vocab_size: 10,
+            hidden_size: 36,
+            num_hidden_layers: 1,
+            num_attention_heads: 6,
+            intermediate_size: 64,
+            max_position_embeddings: 8,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            hidden_act: "gelu".into(),
+        };
+        // Refused before the weights are read.
+        let Err(ModelError::Config(message)) = MiniLm::load(config, b"") else {
+            panic!("expected a config error");
+        };
+        assert!(message.contains("hidden_size 36"), "{message}");
     }
 
     #[test]

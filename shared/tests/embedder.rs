@@ -19,20 +19,19 @@ const MODEL_DIR: &str = concat!(
 );
 const REFERENCE: &str = include_str!("data/minilm_reference.json");
 
-/// The model's linear weights are int8 with a scale per row
-/// (elaaoms-minilm): the largest difference measured is 7.0e-3 (1.0e-4 with
-/// f16 weights, 1.8e-7 with f32). What matters for search is the cosine.
-const COMPONENT_TOLERANCE: f32 = 8e-3;
-/// The bar any faster forward pass must keep (the issue's): the lowest
-/// cosine measured with int8 weights is 0.99948 (0.9999+ with f16).
-const MIN_COSINE: f32 = 0.999;
+/// The model's linear weights are bfloat16, and so are the token rows on
+/// CPUs that multiply bfloat16 (elaaoms-minilm's kernel): the largest
+/// difference measured is 8.2e-4 (7.0e-3 with int8 weights, 1.8e-7 with
+/// f32 throughout). What matters for search is the cosine.
+const COMPONENT_TOLERANCE: f32 = 1.5e-3;
+/// The bar is 0.999; the lowest cosine measured with bfloat16 is
+/// 0.99999 (int8 weights: 0.99948), and this keeps what was gained.
+const MIN_COSINE: f32 = 0.9999;
 const NORM_TOLERANCE: f32 = 1e-5;
-/// With int8 weights the four published similarities are off by 0.55e-3 to
-/// 1.70e-3 (with f16 weights, below 1e-3): rounding the weights to 8 bits
-/// adds about 1e-3 of noise to a similarity, whatever the grouping of the
-/// scales (measured with groups of 8 to 128). Thresholds and rankings work
-/// at the scale of 0.05.
-const SIMILARITY_TOLERANCE: f32 = 2e-3;
+/// With bfloat16 the four published similarities (given to 4 decimals) are
+/// off by 0.05e-3 to 0.86e-3 (int8 weights: 0.55e-3 to 1.70e-3).
+/// Thresholds and rankings work at the scale of 0.05.
+const SIMILARITY_TOLERANCE: f32 = 1e-3;
 
 /// Published sentence-transformers cosine similarities (shared/INFRA-NOTES.md).
 const PUBLISHED: &[(&str, &str, f32)] = &[
