@@ -55,10 +55,29 @@ fn connect_options(url: &SecretString) -> Result<PgConnectOptions, DbError> {
         .map_err(|err| DbError::InvalidUrl(format!("{}: {err}", describe_url(url))))
 }
 
+/// A connection back in the pool for less than this is used without a ping.
+///
+/// sqlx pings every connection when it comes back to the pool (which also
+/// sends a dropped transaction's ROLLBACK), and by default pings it again
+/// when it is taken out: one more round trip on every request's path, for
+/// a connection that was proven alive a few milliseconds before. Only
+/// connections idle for longer are pinged on acquire; one that Postgres
+/// closed meanwhile is then replaced, not handed to a request.
+pub const PING_CONNECTIONS_IDLE_FOR: Duration = Duration::from_secs(1);
+
 async fn connect(url: &SecretString, max_connections: u32) -> Result<PgPool, DbError> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .before_acquire(|connection, metadata| {
+            Box::pin(async move {
+                if metadata.idle_for >= PING_CONNECTIONS_IDLE_FOR {
+                    sqlx::Connection::ping(connection).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(connect_options(url)?)
         .await
         .map_err(|source| DbError::Connect {

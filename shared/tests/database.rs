@@ -396,3 +396,31 @@ async fn the_status_machine_is_the_same_in_rust_and_in_sql() {
         }
     }
 }
+
+/// Connections are pinged on acquire only after `PING_CONNECTIONS_IDLE_FOR`
+/// in the pool (not on every acquire, sqlx's default): one that Postgres
+/// closed while it sat idle is still replaced, not handed to a request.
+#[tokio::test]
+async fn a_connection_postgres_closed_while_idle_is_replaced_before_use() {
+    let database = TestDatabase::create().await;
+    let single = db::connect_service_pool(&database.service_url, 1)
+        .await
+        .unwrap();
+    let first: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&single)
+        .await
+        .unwrap();
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&database.admin_pool)
+        .await
+        .unwrap();
+    assert!(terminated);
+
+    tokio::time::sleep(db::PING_CONNECTIONS_IDLE_FOR + std::time::Duration::from_millis(200)).await;
+    let second: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&single)
+        .await
+        .expect("the dead connection is replaced, not used");
+    assert_ne!(first, second);
+}

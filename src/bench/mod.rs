@@ -443,6 +443,12 @@ pub const TABLE_HEADER: &str =
 
 /// Starts `make_request(i, scheduled)` at `rate` per second for `duration`,
 /// each on its own task, and records each latency from its scheduled start.
+///
+/// The schedule is kept by a thread of its own that sleeps to each start,
+/// not by a tokio timer: tokio's timers fire on whole milliseconds, which
+/// added 0-1 ms of the generator's own lateness to every latency (measured
+/// from the scheduled start, as it must be, so that queueing in the system
+/// under test shows). A thread's sleep is late by tens of microseconds.
 pub async fn open_loop<F, Fut>(
     rate: f64,
     duration: Duration,
@@ -457,10 +463,18 @@ where
     let interval = Duration::from_secs_f64(1.0 / rate);
     let total = (rate * duration.as_secs_f64()).round() as u64;
     let started = Instant::now();
+    let (starts, mut due) = tokio::sync::mpsc::unbounded_channel();
+    let clock = std::thread::spawn(move || {
+        for i in 0..total {
+            let scheduled = started + interval * i as u32;
+            std::thread::sleep(scheduled.saturating_duration_since(Instant::now()));
+            if starts.send((i, scheduled)).is_err() {
+                break;
+            }
+        }
+    });
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let scheduled = started + interval * i as u32;
-        tokio::time::sleep_until(scheduled.into()).await;
+    while let Some((i, scheduled)) = due.recv().await {
         let request = make_request(i, scheduled);
         let latencies = latencies.clone();
         let errors = errors.clone();
@@ -471,6 +485,7 @@ where
             latencies.record(scheduled.elapsed());
         });
     }
+    clock.join().expect("the open-loop clock thread panicked");
     while tasks.join_next().await.is_some() {}
     let seconds = started.elapsed().as_secs_f64();
     (
