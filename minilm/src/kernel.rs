@@ -19,7 +19,8 @@
 //! elaaoms-shared); int8 token rows (AVX512-VNNI, twice the multiply-adds
 //! per instruction) fell to 0.9962, 0.9992 with a scale per 32 values.
 //! Elsewhere, AVX2 with FMA or a portable loop widen the weights to `f32`
-//! and keep the token rows in `f32`.
+//! and keep the token rows in `f32` (AVX2: 5.4 ms for that 20-token pass,
+//! what the int8 weights took).
 
 /// Input values per step of the fast path: one AVX-512 register of bfloat16.
 pub const STEP: usize = 32;
@@ -129,6 +130,31 @@ fn portable(input: &[f32], weight: &Bf16Rows, bias: &[f32], output: &mut [f32], 
     }
 }
 
+/// How many blocks of weight rows ahead each step prefetches. A tile asks
+/// for a block's weights in a burst and then computes on them (from L1, for
+/// the next tiles), so the hardware prefetcher, which follows demand, falls
+/// behind: without this, a forward pass whose weights (21 MB) come from L3
+/// or memory took 1.5-2× longer. One, two or four blocks ahead measure the
+/// same within the noise.
+#[cfg(target_arch = "x86_64")]
+const AHEAD: usize = 2;
+
+/// Asks for the weights of the same step `AHEAD` blocks after `w`: 4 rows
+/// × 32 bfloat16, 4 cache lines. Past the last block the address is beyond
+/// the weights, which a prefetch may use (it never faults), hence
+/// `wrapping_add`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_ahead(w: *const u16, k: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    const CACHE_LINE: usize = 64;
+    let ahead = w.wrapping_add(AHEAD * ROWS * k).cast::<i8>();
+    for line in 0..ROWS * STEP * std::mem::size_of::<u16>() / CACHE_LINE {
+        // SAFETY: SSE is part of x86_64; a prefetch reads nothing.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * CACHE_LINE)) };
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -141,14 +167,6 @@ mod avx512 {
     /// sums on the stack, and a forward pass took 3.2-4.5 ms instead of
     /// 2.0-2.4 (20 tokens).
     const TILE: usize = 4;
-    /// How many blocks of weight rows ahead each step prefetches. A tile
-    /// asks for a block's weights in a burst and then computes on them
-    /// (from L1, for the next tiles), so the hardware prefetcher, which
-    /// follows demand, falls behind: without this, a forward pass whose
-    /// weights (21 MB) come from L3 or memory took 1.5-2× longer. One, two
-    /// or four blocks ahead measure the same within the noise.
-    const AHEAD: usize = 2;
-    const CACHE_LINE: usize = 64;
 
     pub(super) fn usable() -> bool {
         is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
@@ -203,14 +221,7 @@ mod avx512 {
         let mut sums = [[_mm512_setzero_ps(); ROWS]; T];
         let mut w = w;
         for step in (0..k).step_by(STEP) {
-            // The same step's weights `AHEAD` blocks on: 4 × 32 bfloat16 are
-            // 4 cache lines. Past the last block this points beyond the
-            // weights, which a prefetch may (it never faults), hence
-            // `wrapping_add`.
-            let ahead = w.wrapping_add(AHEAD * ROWS * k);
-            for line in 0..ROWS * STEP * 2 / CACHE_LINE {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>().wrapping_add(line * CACHE_LINE));
-            }
+            super::prefetch_ahead(w, k);
             let weights: [__m512bh; ROWS] = std::array::from_fn(|r| load(w.add(r * STEP)));
             w = w.add(ROWS * STEP);
             for (t, sums) in sums.iter_mut().enumerate() {
@@ -305,6 +316,7 @@ mod avx2 {
         let mut sums = [[_mm256_setzero_ps(); ROWS]; T];
         let mut w = w;
         for step in (0..k).step_by(STEP) {
+            super::prefetch_ahead(w, k);
             for lane in (0..STEP).step_by(LANES) {
                 let weights: [__m256; ROWS] =
                     std::array::from_fn(|r| load_weights(w.add(r * STEP + lane)));
