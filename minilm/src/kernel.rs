@@ -87,11 +87,11 @@ fn from_bf16(value: u16) -> f32 {
 /// `output[t][o] = bias[o] + Σ_k input[t][k] · weight[o][k]`, with
 /// `input` `tokens × k`, `weight` `outputs × k`, `output` `tokens × outputs`.
 pub fn linear(input: &[f32], weight: &Bf16Rows, bias: &[f32], output: &mut [f32]) {
-    let (k, _) = shape(input, weight, bias, output);
+    let k = checked_k(input, weight, bias, output);
     #[cfg(target_arch = "x86_64")]
     {
         if avx512::usable() {
-            // SAFETY: `usable` checked the CPU features; `shape` the lengths.
+            // SAFETY: `usable` checked the CPU features; `checked_k` the lengths.
             unsafe { avx512::linear(input, weight, bias, output, k) };
             return;
         }
@@ -104,14 +104,14 @@ pub fn linear(input: &[f32], weight: &Bf16Rows, bias: &[f32], output: &mut [f32]
     portable(input, weight, bias, output, k);
 }
 
-/// Checks the slice lengths against each other; returns `(k, tokens)`.
-fn shape(input: &[f32], weight: &Bf16Rows, bias: &[f32], output: &[f32]) -> (usize, usize) {
+/// Checks the slice lengths against each other; returns the inputs per
+/// token row, `k`.
+fn checked_k(input: &[f32], weight: &Bf16Rows, bias: &[f32], output: &[f32]) -> usize {
     let (k, outputs) = (weight.k, weight.outputs);
     assert_eq!(bias.len(), outputs, "bias shape");
     assert!(input.len().is_multiple_of(k), "input shape");
-    let tokens = input.len() / k;
-    assert_eq!(output.len(), tokens * outputs, "output shape");
-    (k, tokens)
+    assert_eq!(output.len(), input.len() / k * outputs, "output shape");
+    k
 }
 
 /// The same sums as the AVX2 path, one output at a time.
